@@ -1,0 +1,1 @@
+"""Vote-weighted attention: the dense float64-able reference (the oracle for every kernel)."""

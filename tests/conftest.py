@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import torch
+
+
+def make_inputs(
+    h_kv: int = 2,
+    group: int = 2,
+    t: int = 96,
+    d: int = 16,
+    window: int = 8,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    votes: str = "ones",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random keys/values/votes/queries; keys get a shared direction so some are similar."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(h_kv, 1, d, generator=g, dtype=torch.float64)
+    keys = 0.7 * base + torch.randn(h_kv, t, d, generator=g, dtype=torch.float64)
+    values = torch.randn(h_kv, t, d, generator=g, dtype=torch.float64)
+    if votes == "ones":
+        v = torch.ones(h_kv, t, dtype=torch.float64)
+    else:  # earlier merges: integer-ish and fractional votes >= 1
+        v = 1 + torch.rand(h_kv, t, generator=g, dtype=torch.float64) * 4
+    queries = torch.randn(h_kv * group, window, d, generator=g, dtype=torch.float64) * 2
+    return (
+        keys.to(dtype),
+        values.to(dtype),
+        v.to(torch.float32 if dtype != torch.float64 else dtype),
+        queries.to(dtype),
+    )

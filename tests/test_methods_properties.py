@@ -1,0 +1,208 @@
+"""Method-specific properties: the equations of docs/algorithms.md, checked exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_inputs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keepkv_vllm.attention.reference import vote_attention
+from keepkv_vllm.methods import get_method
+
+# -- KeepKV ---------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    h_kv=st.integers(1, 4),
+    t=st.integers(24, 160),
+    budget_frac=st.floats(0.15, 0.9),
+    votes=st.sampled_from(["ones", "merged"]),
+)
+def test_zip_merge_leaves_the_observed_query_output_unchanged(seed, h_kv, t, budget_frac, votes):
+    """KeepKV's central claim: for one observed query, merging (exact votes) is lossless."""
+    keys, values, vts, queries = make_inputs(
+        h_kv=h_kv, group=1, t=t, window=1, dtype=torch.float64, seed=seed, votes=votes
+    )
+    budget = max(8, int(budget_frac * t))
+    method = get_method("keepkv", similarity_threshold=-1.0, sink=2, recent=3)  # merge every evicted slot
+    res = method.compress(keys, values, vts, queries, budget)
+    assert (res.num_dropped == 0).all() and (res.num_merged == t - min(t, budget)).all()
+    before = vote_attention(queries, keys, values, vts)
+    after = vote_attention(queries, res.keys, res.values, res.votes)
+    rel = (after - before).norm() / before.norm()
+    assert rel < 1e-10, rel
+
+
+def test_zip_merge_is_not_exact_when_tokens_are_dropped():
+    """Control for the test above: the same data with drops does perturb the output."""
+    keys, values, vts, queries = make_inputs(h_kv=2, group=1, t=100, window=1, dtype=torch.float64)
+    res = get_method("keepkv", similarity_threshold=1.0, sink=2, recent=3).compress(
+        keys, values, vts, queries, 20
+    )
+    before = vote_attention(queries, keys, values, vts)
+    after = vote_attention(queries, res.keys, res.values, res.votes)
+    assert (after - before).norm() / before.norm() > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), t=st.integers(30, 150), votes=st.sampled_from(["ones", "merged"]))
+def test_count_vote_rule_conserves_total_vote_mass(seed, t, votes):
+    keys, values, vts, queries = make_inputs(
+        h_kv=3, group=2, t=t, dtype=torch.float64, seed=seed, votes=votes
+    )
+    res = get_method("keepkv", similarity_threshold=-1.0, vote_rule="count").compress(
+        keys, values, vts, queries, 24
+    )
+    torch.testing.assert_close(res.votes.sum(dim=1), vts.sum(dim=1), rtol=1e-12, atol=0)
+
+
+def test_exact_vote_equals_count_vote_for_identical_tokens():
+    """Merging exact copies of a token: both vote rules give vote = number of copies."""
+    keys, values, vts, queries = make_inputs(h_kv=1, group=1, t=40, window=2, dtype=torch.float64)
+    q = queries[0].mean(dim=0)
+    keys[0, 2:38] = -q + 0.1 * keys[0, 2:38]  # every middle slot scores low ...
+    keys[0, 10:20] = q  # ... but ten exact copies of one token, which score high
+    values[0, 10:20] = values[0, 10]
+    for rule in ("exact", "count"):
+        method = get_method("keepkv", similarity_threshold=0.999999, vote_rule=rule, sink=2, recent=2)
+        res = method.compress(keys, values, vts, queries, 5)  # one heavy slot: the oldest copy
+        assert res.kept_index[0].tolist() == [0, 1, 10, 38, 39]
+        assert res.num_merged.item() == 9
+        torch.testing.assert_close(res.votes[0, 2], torch.tensor(10.0, dtype=torch.float64))
+        torch.testing.assert_close(res.keys[0, 2], keys[0, 10], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(res.values[0, 2], values[0, 10], rtol=1e-12, atol=1e-12)
+
+
+def test_threshold_one_is_pure_eviction_of_the_lowest_scores():
+    keys, values, vts, queries = make_inputs(t=80, window=4)
+    res = get_method("keepkv", similarity_threshold=1.0).compress(keys, values, vts, queries, 30)
+    assert (res.num_merged == 0).all()
+    idx = res.kept_index.unsqueeze(-1).expand(-1, -1, 16)
+    assert torch.equal(res.keys, keys.gather(1, idx)) and torch.equal(
+        res.votes, vts.gather(1, res.kept_index)
+    )
+
+
+def test_keepkv_keeps_the_slot_the_window_attends_to():
+    keys, values, vts, queries = make_inputs(h_kv=1, group=1, t=120, window=4, dtype=torch.float64)
+    keys[0, 50] = queries[0, -1] * 3  # a needle every window query attends to
+    res = get_method("keepkv").compress(keys, values, vts, queries, 30)
+    assert 50 in res.kept_index[0].tolist()
+
+
+def test_keepkv_bf16_matches_float64_closely():
+    k, v, p, q = make_inputs(t=200, window=8, dtype=torch.float64, seed=3)
+    exact = get_method("keepkv").compress(k, v, p, q, 60)
+    low = get_method("keepkv").compress(k.float(), v.float(), p.float(), q.float(), 60)
+    assert torch.equal(exact.kept_index, low.kept_index)
+    torch.testing.assert_close(low.values.double(), exact.values, rtol=1e-4, atol=1e-4)
+
+
+# -- baselines ------------------------------------------------------------------------
+
+
+def test_streamingllm_keeps_first_sinks_and_newest_slots():
+    keys, values, vts, queries = make_inputs(t=100, window=8)
+    res = get_method("streamingllm", sink=4).compress(keys, values, vts, queries, 30)
+    expected = torch.cat([torch.arange(4), torch.arange(74, 100)])
+    assert torch.equal(res.kept_index, expected.expand(2, -1))
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "keepkv", "kvmerger", "cam"])
+def test_attention_scored_methods_keep_a_planted_needle(name):
+    keys, values, vts, queries = make_inputs(h_kv=2, group=2, t=200, window=8, dtype=torch.float64, seed=5)
+    keys[:, 77] = queries.reshape(2, 2, 8, 16).mean(dim=(1, 2)) * 4
+    res = get_method(name).compress(keys, values, vts, queries, 40)
+    for h in range(2):
+        assert 77 in res.kept_index[h].tolist(), name
+
+
+def test_h2o_uses_and_carries_accumulated_scores():
+    keys, values, vts, queries = make_inputs(t=60, window=4)
+    scores = torch.zeros(2, 60)
+    scores[:, 10:20] = 5.0  # heavy hitters by history, whatever the window says
+    res = get_method("h2o", sink=2, recent=4).compress(keys, values, vts, queries, 16, scores=scores)
+    assert torch.equal(
+        res.kept_index, torch.cat([torch.arange(2), torch.arange(10, 20), torch.arange(56, 60)]).expand(2, -1)
+    )
+    assert torch.equal(res.scores, scores.gather(1, res.kept_index))
+
+
+def test_snapkv_pooling_keeps_the_neighbours_of_a_hit():
+    keys, values, vts, queries = make_inputs(h_kv=1, group=1, t=200, window=8, dtype=torch.float64, seed=2)
+    keys[0, 100] = queries[0].mean(dim=0) * 5
+    res = get_method("snapkv", kernel_size=7, sink=0, recent=8).compress(keys, values, vts, queries, 15)
+    assert set(range(97, 104)) <= set(res.kept_index[0].tolist())
+
+
+def test_cam_merges_values_only_and_conserves_value_mass_direction():
+    keys, values, vts, queries = make_inputs(t=120, window=8, dtype=torch.float64)
+    res = get_method("cam", merge_window=4).compress(keys, values, vts, queries, 40)
+    idx = res.kept_index.unsqueeze(-1).expand(-1, -1, 16)
+    assert torch.equal(res.keys, keys.gather(1, idx)) and torch.equal(
+        res.votes, vts.gather(1, res.kept_index)
+    )
+    assert not torch.equal(res.values, values.gather(1, idx))
+    assert (res.num_merged > 0).all()
+
+
+def test_cam_gate_is_relative_attention_clamped():
+    """An evicted slot with more attention than its targets adds its full value / m."""
+    keys, values, vts, queries = make_inputs(h_kv=1, group=1, t=40, window=2, dtype=torch.float64)
+    scores = torch.ones(1, 40, dtype=torch.float64)
+    scores[0, 2:30] = torch.linspace(0.5, 0.9, 28, dtype=torch.float64)  # all middle < targets
+    scores[0, 30:34] = 1.0
+    cam = get_method("cam", merge_window=4, sink=2, recent=6)
+    res = cam.compress(keys, values, vts, queries, 12, scores=scores)  # heavy = 30..33
+    assert torch.equal(res.kept_index[0], torch.tensor([0, 1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39]))
+    prob = (scores[0, 2:30] / 1.0).clamp(0, 1)
+    expected = values[0, 30:34] + (values[0, 2:30] * prob[:, None]).sum(0) / 4
+    torch.testing.assert_close(res.values[0, 2:6], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kvmerger_merges_consecutive_similar_runs_with_gaussian_weights():
+    keys, values, vts, queries = make_inputs(h_kv=1, group=1, t=60, window=2, dtype=torch.float64, seed=4)
+    direction = torch.randn(16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    keys[0, 20:26] = direction + 0.01 * torch.randn(
+        6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    m = get_method("kvmerger", similarity_threshold=0.99, heavy_fraction=0.0, sink=2, recent=2, sigma=0.05)
+    scores = torch.ones(1, 60, dtype=torch.float64)
+    scores[0, 23] = 9.0  # pivot
+    res = m.compress(keys, values, vts, queries, 60 - 5, scores=scores)
+    # exactly the run 20..25 collapses into its pivot slot 23; nothing else is touched
+    kept = res.kept_index[0].tolist()
+    assert 23 in kept and not ({20, 21, 22, 24, 25} & set(kept))
+    j = kept.index(23)
+    d2 = (keys[0, 20:26] - keys[0, 23]).pow(2).sum(-1)
+    g = torch.exp(-d2 / (2 * 0.05**2))
+    torch.testing.assert_close(
+        res.keys[0, j], (g[:, None] * keys[0, 20:26]).sum(0) / g.sum(), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        res.values[0, j], (g[:, None] * values[0, 20:26]).sum(0) / g.sum(), rtol=1e-12, atol=1e-12
+    )
+    assert res.votes[0, j] == 1.0 and res.num_merged.item() == 5
+
+
+def test_kvmerger_count_votes_conserve_mass_when_nothing_is_dropped():
+    keys, values, vts, queries = make_inputs(h_kv=2, t=80, window=4, dtype=torch.float64)
+    m = get_method("kvmerger", similarity_threshold=-1.0, heavy_fraction=0.0, count_votes=True)
+    res = m.compress(keys, values, vts, queries, 30)
+    assert (res.num_dropped == 0).all()
+    torch.testing.assert_close(res.votes.sum(dim=1), vts.sum(dim=1))
+
+
+def test_kvmerger_budget_exact_when_threshold_makes_too_few_sets():
+    keys = torch.ones(1, 50, 8, dtype=torch.float64) + 1e-3 * torch.randn(1, 50, 8, dtype=torch.float64)
+    values, vts = torch.randn(1, 50, 8, dtype=torch.float64), torch.ones(1, 50, dtype=torch.float64)
+    res = get_method("kvmerger", similarity_threshold=0.0).compress(
+        keys, values, vts, keys[:, -2:].clone(), 25
+    )
+    assert res.keys.shape == (1, 25, 8) and math.isfinite(res.keys.sum().item())
