@@ -26,16 +26,18 @@ def _grouped(queries: torch.Tensor, h_kv: int) -> torch.Tensor:
     return queries.reshape(h_kv, h_q // h_kv, q, d)
 
 
-def causal_logits(keys: torch.Tensor, queries: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def causal_logits(
+    keys: torch.Tensor, queries: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
     """Scaled logits [H_kv, G, Q, T] in the compute dtype.
 
     With ``causal`` the Q queries are the newest Q tokens: query i sits at slot T - Q + i and
-    sees slots 0..T-Q+i; hidden slots get -inf.
+    sees slots 0..T-Q+i; hidden slots get -inf. ``scale`` defaults to 1/sqrt(d).
     """
     h_kv, t, d = keys.shape
     dt = compute_dtype(keys.dtype)
     q = _grouped(queries.to(dt), h_kv)
-    logits = torch.einsum("hgqd,htd->hgqt", q, keys.to(dt)) / math.sqrt(d)
+    logits = torch.einsum("hgqd,htd->hgqt", q, keys.to(dt)) * (1.0 / math.sqrt(d) if scale is None else scale)
     n_q = queries.shape[1]
     if causal and n_q > 1:
         # only the newest n_q - 1 slots are hidden from some query: mask just that corner
@@ -57,13 +59,14 @@ def vote_attention(
     values: torch.Tensor,
     votes: torch.Tensor | None = None,
     causal: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Vote-weighted attention. queries [H_q, Q, d]; keys, values [H_kv, T, d]; votes [H_kv, T].
 
     Returns [H_q, Q, d] in the compute dtype (float64 in → float64 out).
     """
     h_kv, t, d = keys.shape
-    logits = causal_logits(keys, queries, causal=causal)
+    logits = causal_logits(keys, queries, causal=causal, scale=scale)
     if votes is not None:
         logits = logits + votes.to(logits.dtype).log()[:, None, None, :]
     probs = torch.softmax(logits, dim=-1)

@@ -60,6 +60,11 @@ class KVCompressionMethod(ABC):
     #: True when the method rewrites keys/values/votes (merging) rather than only selecting.
     merges: ClassVar[bool] = False
 
+    @property
+    def writes_votes(self) -> bool:
+        """True when outputs may carry votes != 1 (attention must then add log p)."""
+        return False
+
     def __init__(self, sink: int = 4, recent: int | None = None, recent_fraction: float = 0.1) -> None:
         if not isinstance(sink, int) or sink < 0:
             raise ValueError(f"sink must be a non-negative int, got {sink!r}")

@@ -13,10 +13,14 @@ Per kv-head (docs/algorithms.md, "KeepKV"):
        count vote (authors):  p_r = sum_M p_j
    For one observed query the exact vote leaves that query's attention output unchanged.
 
-Deviation from the authors' simulation (documented): merge targets are the heavy slots
-only, never sinks or recent slots, so those survive bit for bit and the recent window
-keeps describing the newest tokens; and the selection score is vote-weighted (a slot of
-p votes stands for p tokens), as the specification asks.
+Deviations from the authors' simulation (documented in docs/algorithms.md): merge targets
+are the heavy slots only, never sinks or recent slots, so those survive bit for bit and
+the recent window keeps describing the newest tokens; the selection score is vote-weighted
+(a slot of p votes stands for p tokens); and the selection score is max-pooled over
+``pool_kernel`` neighbouring slots before the top-k (SnapKV's clustering). Without pooling
+a fact spread over several tokens (a number is one token per digit in SmolLM2) loses
+digits: the needle test went from 0/4 to 3/4 at a 30% budget with pooling. The merge
+weights always use the unpooled scores. ``pool_kernel=1`` restores the paper's selection.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class KeepKV(KVCompressionMethod):
         similarity_threshold: float = 0.8,
         distance_weight: float = 1.2,
         vote_rule: Literal["exact", "count"] = "exact",
+        pool_kernel: int = 7,
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -88,6 +93,18 @@ class KeepKV(KVCompressionMethod):
         self.similarity_threshold = float(similarity_threshold)
         self.distance_weight = float(distance_weight)
         self.vote_rule = vote_rule
+        if (
+            isinstance(pool_kernel, bool)
+            or not isinstance(pool_kernel, int)
+            or pool_kernel < 1
+            or pool_kernel % 2 == 0
+        ):
+            raise ValueError(f"pool_kernel must be a positive odd int, got {pool_kernel!r}")
+        self.pool_kernel = pool_kernel
+
+    @property
+    def writes_votes(self) -> bool:
+        return True
 
     def _compress(
         self,
@@ -103,7 +120,11 @@ class KeepKV(KVCompressionMethod):
         dt = compute_dtype(keys.dtype)
         log_s = log_window_mass(keys, queries, self.distance_weight)
         log_w = log_s + votes.to(dt).log()  # log(p_j * s_hat_j)
-        kept, heavy = select_top(log_w, budget, span)
+        priority = log_w
+        if self.pool_kernel > 1:  # keep a hit's neighbours too (multi-token facts), as SnapKV does
+            k = self.pool_kernel
+            priority = F.max_pool1d(log_w.unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1)
+        kept, heavy = select_top(priority, budget, span)
         if heavy.shape[1] == 0:
             return selection_result(keys, values, votes, kept)
         evicted = evicted_mask(kept, t).nonzero()[:, 1].view(h, t - budget)

@@ -76,6 +76,10 @@ class KVMerger(KVCompressionMethod):
         self.sigma = None if sigma is None else float(sigma)
         self.count_votes = count_votes
 
+    @property
+    def writes_votes(self) -> bool:
+        return self.count_votes
+
     def _compress(
         self,
         keys: torch.Tensor,

@@ -1,0 +1,95 @@
+"""Execute a compression order on a request's paged cache (pure torch, no vLLM import).
+
+The scheduler decides *who* and *how much* (an order); the worker runs this before the
+step's forward pass, layer by layer: gather the request's slots, compress each kv-head with
+the method, write the B survivors into slots [frozen, kv_len_after) of the request's own
+blocks. Gathering happens before any write, so survivors may come from the tail blocks
+that the scheduler has already returned to the pool (nobody writes them before this runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from keepkv_vllm.attention import paged_torch
+from keepkv_vllm.methods.base import KVCompressionMethod
+
+#: attribute of vLLM's SchedulerOutput carrying this step's orders to the workers
+ORDERS_ATTR = "kv_compression_orders"
+
+
+@dataclass
+class CompressionOrder:
+    """Compress one request to ``kv_len_after`` slots per head, this step, before forward."""
+
+    req_id: str
+    src_block_ids: list[int]  # the request's blocks before compression, covering kv_len_before
+    block_ids: list[int]  # its block list after this step's scheduling (a prefix of src + new)
+    kv_len_before: int
+    kv_len_after: int
+    frozen_slots: int  # leading slots in blocks shared through the prefix cache: left verbatim
+    num_computed_tokens: int  # real tokens in the cache (RoPE positions keep counting these)
+    budget: float | int | None = None  # the per-request budget, for the record
+
+    @property
+    def kv_offset(self) -> int:
+        """Tokens removed from the request's cache in total: positions - slots."""
+        return self.num_computed_tokens - self.kv_len_after
+
+
+@dataclass
+class LayerCache:
+    kv: paged_torch.PagedKV  # slot-range access to the layer's keys and values
+    votes: torch.Tensor  # [num_blocks, H_kv, block_size] float32
+    window_queries: torch.Tensor  # [H_q, W, d] oldest first, for this request
+
+
+@dataclass
+class CompactionStats:
+    tokens_removed: int = 0  # slots removed per head, summed over layers and heads
+    tokens_merged: int = 0  # of which folded into a survivor
+    per_layer_merged: list[int] = field(default_factory=list)
+
+
+@dataclass
+class WorkerTotals:
+    """Cumulative over the worker's life; reported by GET /v1/kv_compression."""
+
+    orders: int = 0
+    tokens_merged: int = 0  # slots folded into survivors, all layers and heads
+    tokens_removed: int = 0  # slots removed, all layers and heads
+    compaction_seconds: float = 0.0
+
+    def add(self, stats: CompactionStats, seconds: float) -> None:
+        self.orders += 1
+        self.tokens_merged += stats.tokens_merged
+        self.tokens_removed += stats.tokens_removed
+        self.compaction_seconds += seconds
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "orders": self.orders,
+            "tokens_merged": self.tokens_merged,
+            "tokens_removed": self.tokens_removed,
+            "compaction_seconds": self.compaction_seconds,
+        }
+
+
+def compact_layer(
+    layer: LayerCache, order: CompressionOrder, method: KVCompressionMethod, stats: CompactionStats
+) -> None:
+    dev = layer.votes.device
+    src = torch.tensor(order.src_block_ids, dtype=torch.long, device=dev)
+    dst = torch.tensor(order.block_ids, dtype=torch.long, device=dev)
+    lo, hi = order.frozen_slots, order.kv_len_before
+    keys, values = layer.kv.gather(src, lo, hi)
+    votes = paged_torch.gather(layer.votes, src, lo, hi)
+    result = method.compress(keys, values, votes, layer.window_queries, order.kv_len_after - lo)
+    layer.kv.scatter(dst, lo, result.keys, result.values)
+    paged_torch.scatter(layer.votes, dst, lo, result.votes)
+    merged = int(result.num_merged.sum())
+    stats.tokens_merged += merged
+    stats.tokens_removed += int((result.num_merged + result.num_dropped).sum())
+    stats.per_layer_merged.append(merged)

@@ -1,0 +1,252 @@
+"""Scheduler: compress running requests instead of preempting them.
+
+vLLM's scheduler asks the KV cache manager for slots and, when the pool is empty, preempts
+the lowest-priority request. This subclass wraps that allocation: on failure it first
+compresses running decode requests (longest reclaim first) to their budget, returns their
+tail blocks to the pool and retries; vLLM's preemption stays as the last resort. With
+``trigger="pressure"`` it also compresses proactively when free blocks fall below the
+watermark; with ``trigger="always"`` every decoding request is kept at its budget.
+
+Scheduler-side bookkeeping of a compression, all immediate:
+- the request keeps ceil((budget + tokens scheduled this step) / block_size) blocks, the
+  tail goes back to the pool (tail blocks keep their prefix-cache hash: their contents are
+  not rewritten);
+- blocks the worker will rewrite drop their prefix-cache hash; leading blocks shared with
+  another request (ref_cnt > 1) are never rewritten: they stay verbatim (frozen prefix);
+- ``kv_offset`` = real tokens - slots; later allocations for the request count slots;
+- an order travels to the workers on the SchedulerOutput and runs before the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.request import Request, RequestStatus
+
+from keepkv_vllm.config import ConfigError, parse_request_options
+from keepkv_vllm.engine.compaction import ORDERS_ATTR, CompressionOrder
+from keepkv_vllm.engine.settings import config_from_vllm
+
+logger = logging.getLogger("vllm.keepkv")
+
+
+@dataclass
+class CompressionCounters:
+    """Cumulative, engine-wide; exported on /metrics and GET /v1/kv_compression."""
+
+    compressions: int = 0
+    tokens_removed: int = 0  # slots removed per head (merged or dropped), summed over requests
+    blocks_freed: int = 0
+    preemptions_avoided: int = 0  # failed allocations that compression satisfied
+    preemptions: int = 0  # preemptions vLLM still made (last resort)
+    requests_compressed: int = 0  # distinct requests compressed at least once
+    compression_time_s: float = 0.0  # scheduler-side time (bookkeeping), not the worker's
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class KeepKVScheduler(Scheduler):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.kvc = config_from_vllm(self.vllm_config)
+        coordinator = self.kv_cache_manager.coordinator
+        managers = coordinator.single_type_managers
+        if len(managers) != 1 or not isinstance(managers[0], FullAttentionManager):
+            raise ValueError(
+                "kv compression supports models with one full-attention KV cache group; "
+                f"this model has {[type(m).__name__ for m in managers]}"
+            )
+        self._blocks = managers[0]
+        self._pool = self.kv_cache_manager.block_pool
+        self._block_size = self._blocks.block_size
+        self._total_blocks = self._pool.num_gpu_blocks - 1  # minus vLLM's null block
+        self._stock_allocate = self.kv_cache_manager.allocate_slots
+        self.kv_cache_manager.allocate_slots = self._allocate_slots
+        self.kv_offset: dict[str, int] = {}
+        self._orders: dict[str, CompressionOrder] = {}
+        self._step_tokens: dict[str, int] = {}
+        self._compressed_ids: set[str] = set()
+        self.counters = CompressionCounters()
+        logger.info(
+            "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d",
+            self.kvc.method,
+            self.kvc.budget,
+            self.kvc.trigger,
+            self.kvc.watermark,
+            self._block_size,
+            self._total_blocks,
+        )
+
+    # -- step ---------------------------------------------------------------------
+    def schedule(self, *args: object, **kwargs: object) -> SchedulerOutput:
+        self._orders = {}
+        self._step_tokens = {}
+        self._compress_proactively()
+        output = super().schedule(*args, **kwargs)
+        orders = []
+        for req_id, order in self._orders.items():
+            order.block_ids = [b.block_id for b in self._blocks.req_to_blocks[req_id]]
+            orders.append(order)
+        setattr(output, ORDERS_ATTR, orders)
+        return output
+
+    def _compress_proactively(self) -> None:
+        if self.kvc.trigger == "always":
+            for request in list(self._candidates()):
+                self._compress(request)
+            return
+        low = self.kvc.watermark * self._total_blocks
+        while self._pool.get_num_free_blocks() < low:
+            request = next(self._candidates(), None)
+            if request is None or not self._compress(request):
+                return
+
+    # -- allocation -----------------------------------------------------------------
+    def _allocate_slots(
+        self, request: Request, num_new_tokens: int, *args: object, **kwargs: object
+    ) -> object:
+        blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
+        if blocks is None:
+            for victim in list(self._candidates()):
+                if not self._compress(victim):
+                    continue
+                blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
+                if blocks is not None:
+                    self.counters.preemptions_avoided += 1
+                    break
+        if blocks is not None:
+            lookahead = kwargs.get("num_lookahead_tokens", 0) or 0
+            self._step_tokens[request.request_id] = num_new_tokens + int(lookahead)
+        return blocks
+
+    def _try_allocate(self, request: Request, num_new_tokens: int, *args: object, **kwargs: object) -> object:
+        offset = self.kv_offset.get(request.request_id, 0)
+        if offset == 0:
+            return self._stock_allocate(request, num_new_tokens, *args, **kwargs)
+        # A compressed request holds kv_len = num_computed_tokens - offset slots; count
+        # slots, not tokens, and never cache its (rewritten) blocks for prefix reuse.
+        kv_len = request.num_computed_tokens - offset
+        lookahead = int(kwargs.get("num_lookahead_tokens", 0) or 0)
+        need = kv_len + num_new_tokens + lookahead
+        held = len(self._blocks.req_to_blocks[request.request_id])
+        if max(cdiv(need, self._block_size) - held, 0) > self._pool.get_num_free_blocks():
+            return None
+        new = self.kv_cache_manager.coordinator.allocate_new_blocks(
+            request.request_id, need, kv_len + num_new_tokens
+        )
+        return self.kv_cache_manager.create_kv_cache_blocks(new)
+
+    # -- choosing and compressing -------------------------------------------------------
+    def _target(self, request: Request) -> int | None:
+        """Slots this request keeps after compression, or None if it opted out."""
+        try:
+            options = parse_request_options(
+                request.sampling_params.extra_args if request.sampling_params else None
+            )
+        except ConfigError:  # validated at the API boundary; never fail the engine here
+            return self.kvc.target_tokens(request.num_computed_tokens)
+        if not options.enabled:
+            return None
+        return self.kvc.target_tokens(request.num_computed_tokens, options.budget)
+
+    def _reclaimable(self, request: Request) -> int:
+        """Blocks a compression of this request would return now (0: not eligible)."""
+        if request.status != RequestStatus.RUNNING or request.request_id in self._orders:
+            return 0
+        if request.num_computed_tokens < max(request.num_prompt_tokens, self.kvc.window):
+            return 0  # still in prefill: its queries are not all seen
+        target = self._target(request)
+        if target is None:
+            return 0
+        held = len(self._blocks.req_to_blocks.get(request.request_id, ()))
+        keep = cdiv(target + self._step_tokens.get(request.request_id, 0), self._block_size)
+        kv_len = request.num_computed_tokens - self.kv_offset.get(request.request_id, 0)
+        if kv_len <= target:
+            return 0
+        return max(held - keep, 0)
+
+    def _candidates(self) -> Iterator[Request]:
+        ranked = sorted(((self._reclaimable(r), r) for r in self.running), key=lambda x: -x[0])
+        for reclaim, request in ranked:
+            if reclaim > 0:
+                yield request
+
+    def _compress(self, request: Request) -> bool:
+        start = time.perf_counter()
+        req_id = request.request_id
+        target = self._target(request)
+        if target is None or self._reclaimable(request) == 0:
+            return False
+        blocks = self._blocks.req_to_blocks[req_id]
+        bs = self._block_size
+        frozen_blocks = 0
+        while frozen_blocks < len(blocks) and blocks[frozen_blocks].ref_cnt > 1:
+            frozen_blocks += 1
+        frozen = frozen_blocks * bs
+        if target - frozen < self.kvc.min_budget_tokens:
+            return False  # the shared prefix leaves nothing worth compressing
+        offset = self.kv_offset.get(req_id, 0)
+        kv_before = request.num_computed_tokens - offset
+        keep = cdiv(target + self._step_tokens.get(req_id, 0), bs)
+        rewritten = {b.block_id for b in blocks[frozen_blocks : cdiv(target, bs)] if b.block_hash is not None}
+        if rewritten:
+            self._pool.evict_blocks(rewritten)
+        order = CompressionOrder(
+            req_id=req_id,
+            src_block_ids=[b.block_id for b in blocks[: cdiv(kv_before, bs)]],
+            block_ids=[],
+            kv_len_before=kv_before,
+            kv_len_after=target,
+            frozen_slots=frozen,
+            num_computed_tokens=request.num_computed_tokens,
+        )
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self._pool.free_blocks(reversed(tail))
+        if req_id in self._blocks.num_cached_block:
+            self._blocks.num_cached_block[req_id] = min(self._blocks.num_cached_block[req_id], frozen_blocks)
+        self.kv_offset[req_id] = order.kv_offset
+        self._orders[req_id] = order
+        c = self.counters
+        c.compressions += 1
+        c.tokens_removed += kv_before - target
+        c.blocks_freed += len(tail)
+        if req_id not in self._compressed_ids:
+            self._compressed_ids.add(req_id)
+            c.requests_compressed += 1
+        c.compression_time_s += time.perf_counter() - start
+        first = offset == 0  # INFO for a request's first compression, DEBUG after
+        (logger.info if first else logger.debug)(
+            "kv compression (%s): request %s %d -> %d slots, %d blocks freed, %d/%d blocks free",
+            self.kvc.method,
+            req_id,
+            kv_before,
+            target,
+            len(tail),
+            self._pool.get_num_free_blocks(),
+            self._total_blocks,
+        )
+        return True
+
+    # -- request lifecycle ----------------------------------------------------------------
+    def _preempt_request(self, request: Request, *args: object, **kwargs: object) -> None:
+        self.counters.preemptions += 1
+        super()._preempt_request(request, *args, **kwargs)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        # finished, aborted or preempted: the cache restarts uncompressed, orders are void
+        self.kv_offset.pop(request.request_id, None)
+        self._orders.pop(request.request_id, None)
+        self._compressed_ids.discard(request.request_id)
+        super()._free_request_blocks(request)
+
+    def num_free_blocks(self) -> int:
+        return self._pool.get_num_free_blocks()

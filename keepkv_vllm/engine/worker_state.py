@@ -1,0 +1,125 @@
+"""Per-worker compression state shared by the model runner and the attention backend.
+
+Lives in the worker process. Holds, per attention layer, the vote tensor beside the KV cache
+and a ring of each running request's last W queries; per request its ``kv_offset``
+(positions minus slots) and ring row; per step the index arrays the backend needs.
+No vLLM import: the runner fills it, the backend reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from keepkv_vllm.config import KVCompressionConfig
+from keepkv_vllm.methods import get_method
+
+
+@dataclass
+class VotedRequest:
+    """A request in this step's batch whose slots may carry votes != 1."""
+
+    token_start: int
+    token_end: int
+    block_ids: torch.Tensor
+    seq_len: int  # slots visible after this step's tokens are written
+
+
+def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM CPU layout: [nb, H, bs, 2d] storage read as keys then values, each [nb, H, bs, d]."""
+    nb, h, bs, _ = kv_cache.shape
+    return kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+
+
+class WorkerCompressionState:
+    def __init__(self, config: KVCompressionConfig, max_requests: int) -> None:
+        self.config = config
+        self.method = get_method(config.method, **config.method_kwargs())
+        self.window = config.window
+        self.max_requests = max_requests
+        self.votes: dict[str, torch.Tensor] = {}
+        self.rings: dict[str, torch.Tensor] = {}
+        self.row_of: dict[str, int] = {}
+        self._free_rows = list(range(max_requests - 1, -1, -1))
+        self.kv_offset: dict[str, int] = {}
+        self.voted: set[str] = set()
+        # filled by the runner for the current step
+        self.ring_src: torch.Tensor | None = None  # token indices into this step's queries
+        self.ring_dst: torch.Tensor | None = None  # flat ring positions row * W + pos % W
+        self.voted_in_step: list[VotedRequest] = []
+
+    # -- per request ---------------------------------------------------------------
+    def row(self, req_id: str) -> int | None:
+        row = self.row_of.get(req_id)
+        if row is None and self._free_rows:
+            row = self._free_rows.pop()
+            self.row_of[req_id] = row
+        return row
+
+    def reset(self, req_id: str) -> None:
+        """The request (re)starts from an uncompressed cache (new, resumed, preempted)."""
+        self.kv_offset.pop(req_id, None)
+        self.voted.discard(req_id)
+
+    def release(self, req_id: str) -> None:
+        self.reset(req_id)
+        row = self.row_of.pop(req_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+
+    # -- per layer ------------------------------------------------------------------
+    def votes_for(self, layer_name: str, kv_cache: torch.Tensor) -> torch.Tensor:
+        votes = self.votes.get(layer_name)
+        if votes is None:
+            nb, h, bs, _ = kv_cache.shape
+            votes = torch.ones(nb, h, bs, dtype=torch.float32, device=kv_cache.device)
+            self.votes[layer_name] = votes
+        return votes
+
+    def ring_for(self, layer_name: str, query: torch.Tensor) -> torch.Tensor:
+        ring = self.rings.get(layer_name)
+        if ring is None:
+            _, h_q, d = query.shape
+            ring = torch.zeros(
+                self.max_requests * self.window, h_q, d, dtype=query.dtype, device=query.device
+            )
+            self.rings[layer_name] = ring
+        return ring
+
+    def mark_fresh(self, layer_name: str, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Fresh tokens get vote 1, also in reused blocks that held merged slots before."""
+        votes = self.votes_for(layer_name, kv_cache)
+        slots = slot_mapping[slot_mapping >= 0].long()
+        if slots.numel():
+            bs = votes.shape[2]
+            votes[slots // bs, :, slots % bs] = 1.0
+
+    def record_queries(self, layer_name: str, query: torch.Tensor) -> None:
+        if self.ring_src is None or self.ring_src.numel() == 0:
+            return
+        ring = self.ring_for(layer_name, query)
+        ring[self.ring_dst] = query[self.ring_src].to(ring.dtype)
+
+    def window_queries(self, layer_name: str, req_id: str, num_computed_tokens: int) -> torch.Tensor:
+        """The request's last W queries at this layer, oldest first: [H_q, W, d]."""
+        w = self.window
+        row = self.row_of[req_id]
+        ring = self.rings[layer_name].view(self.max_requests, w, *self.rings[layer_name].shape[1:])
+        first = num_computed_tokens - w
+        order = torch.tensor([(first + i) % w for i in range(w)], device=ring.device)
+        return ring[row, order].transpose(0, 1)
+
+
+# One state per worker process; the attention backend reaches it here (backends are built
+# by vLLM from a class path, so nothing can be passed to them directly).
+_CURRENT: WorkerCompressionState | None = None
+
+
+def install(state: WorkerCompressionState | None) -> None:
+    global _CURRENT
+    _CURRENT = state
+
+
+def current() -> WorkerCompressionState | None:
+    return _CURRENT

@@ -1,0 +1,1 @@
+"""Quality evaluation: perturbation study on captured attention, and (later) engine tasks."""

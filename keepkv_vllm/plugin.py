@@ -1,0 +1,239 @@
+"""vLLM general plugin: ``vllm serve MODEL --kv-compression keepkv``.
+
+vLLM runs ``register()`` in every process (API server, engine core, workers), so it is
+idempotent and only patches classes. What it adds, all through vLLM's own extension points
+or thin wrappers of them:
+- ``--kv-compression`` and ``--kv-compression-config`` on every engine CLI (vLLM loads
+  general plugins before it builds the parser), so ``--config`` YAML files work too;
+- ``EngineArgs.from_cli_args`` copies the flags into ``additional_config["kv_compression"]``;
+- ``EngineArgs.create_engine_config`` validates those settings (one-line error naming the
+  key) and, when a method is on, selects the keepkv scheduler and worker. This single place
+  serves the CLI, YAML and ``LLM(additional_config=...)``. With method "none" nothing is
+  changed: stock vLLM;
+- per-request options (``vllm_xargs`` → ``SamplingParams.extra_args``) are validated where
+  the OpenAI request is turned into sampling params, so a bad value is an HTTP 400;
+- a read-only ``GET /v1/kv_compression`` endpoint and counters on ``/metrics``
+  (keepkv_vllm.server), and an engine-core utility that reports the scheduler's counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+from keepkv_vllm.config import (
+    ADDITIONAL_CONFIG_KEY,
+    METHOD_NAMES,
+    ConfigError,
+    load_config_arg,
+    parse_config,
+    parse_request_options,
+)
+
+SCHEDULER_CLS = "keepkv_vllm.engine.scheduler.KeepKVScheduler"
+WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVCPUWorker"
+_PATCHED = "_keepkv_patched"
+
+
+def register() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, _PATCHED, False):
+        return
+    setattr(EngineArgs, _PATCHED, True)
+    _patch_cli(EngineArgs)
+    _patch_engine_config(EngineArgs)
+    _patch_request_validation()
+    _patch_engine_core()
+    _patch_endpoints()
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+
+def _config_arg(value: str) -> str:
+    """argparse type: fail while parsing, with the parser's own one-line error."""
+    try:
+        load_config_arg(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group(
+        "KVCompression", "Merge or evict KV entries of running requests under memory pressure (keepkv-vllm)."
+    )
+    group.add_argument(
+        "--kv-compression",
+        choices=METHOD_NAMES,
+        default=None,
+        help="KV compression method; 'none' (default) is stock vLLM.",
+    )
+    group.add_argument(
+        "--kv-compression-config",
+        type=_config_arg,
+        default=None,
+        help="Settings as a JSON object or a YAML/JSON file, e.g. '{\"budget\": 0.2}'. "
+        "Keys: budget, min_budget_tokens, trigger, watermark, sink, recent, recent_fraction, window, "
+        "method_options.",
+    )
+    return parser
+
+
+def _patch_cli(engine_args: type) -> None:
+    stock_add = engine_args.add_cli_args
+
+    @functools.wraps(stock_add)
+    def add_cli_args(parser: Any) -> Any:
+        parser = stock_add(parser)
+        if not any("--kv-compression" in a.option_strings for a in parser._actions):
+            add_arguments(parser)
+        return parser
+
+    engine_args.add_cli_args = staticmethod(add_cli_args)
+
+    stock_from_cli = engine_args.from_cli_args.__func__
+
+    @functools.wraps(stock_from_cli)
+    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
+        merged = merge_cli_settings(args)
+        if merged is not None:
+            try:
+                parse_config(merged[ADDITIONAL_CONFIG_KEY])
+            except ConfigError as e:  # refuse to start: one line, no traceback
+                raise SystemExit(f"error: {e}") from None
+            # also on args: API-server children rebuild their engine args from them
+            args.additional_config = merged
+        return stock_from_cli(cls, args)
+
+    engine_args.from_cli_args = classmethod(from_cli_args)
+
+
+def merge_cli_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Fold --kv-compression[-config] into a copy of args.additional_config (None: untouched)."""
+    method = getattr(args, "kv_compression", None)
+    raw = getattr(args, "kv_compression_config", None)
+    if method is None and raw is None:
+        return None
+    try:
+        settings = dict(load_config_arg(raw))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if method is not None:
+        settings["method"] = method
+    additional = dict(getattr(args, "additional_config", None) or {})
+    additional[ADDITIONAL_CONFIG_KEY] = {**(additional.get(ADDITIONAL_CONFIG_KEY) or {}), **settings}
+    return additional
+
+
+def _patch_engine_config(engine_args: type) -> None:
+    stock_create = engine_args.create_engine_config
+
+    @functools.wraps(stock_create)
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        settings = (self.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        config = parse_config(settings)  # ConfigError: one line naming the key
+        if config.enabled:
+            # compression frees blocks the moment it decides; an overlapped step could
+            # still be writing them, so the engine runs steps one at a time
+            self.async_scheduling = False
+        vllm_config = stock_create(self, *args, **kwargs)
+        if config.enabled:
+            _select_engine_classes(vllm_config, config)
+        return vllm_config
+
+    engine_args.create_engine_config = create_engine_config
+
+
+def _select_engine_classes(vllm_config: Any, config: Any) -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise ConfigError(
+            f"--kv-compression {config.method}: only the CPU engine is supported in this release "
+            "(the GPU attention path is tracked separately); use --kv-compression none on GPUs"
+        )
+    cache = vllm_config.cache_config
+    if cache.cache_dtype not in ("auto", None):
+        raise ConfigError(f"--kv-compression needs --kv-cache-dtype auto, got {cache.cache_dtype!r}")
+    if vllm_config.speculative_config is not None:
+        raise ConfigError("--kv-compression cannot be combined with speculative decoding")
+    if vllm_config.parallel_config.world_size > 1:
+        raise ConfigError("--kv-compression supports a single worker (tensor/pipeline parallel size 1)")
+    vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
+    vllm_config.scheduler_config.async_scheduling = False
+    vllm_config.parallel_config.worker_cls = WORKER_CLS
+
+
+# -- per request -----------------------------------------------------------------------
+
+
+def validate_extra_args(extra_args: dict[str, Any] | None) -> None:
+    """Raise vLLM's validation error (HTTP 400) for bad per-request options."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        parse_request_options(extra_args)
+    except ConfigError as e:
+        raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+
+
+def _patch_request_validation() -> None:
+    # Where the OpenAI request becomes SamplingParams: before any stream starts, so even
+    # stream=true requests get a real 400.
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    for request_cls in (ChatCompletionRequest, CompletionRequest):
+        stock = request_cls.to_sampling_params
+
+        def to_sampling_params(self: Any, *args: Any, _stock: Any = stock, **kwargs: Any) -> Any:
+            params = _stock(self, *args, **kwargs)
+            validate_extra_args(params.extra_args)
+            return params
+
+        request_cls.to_sampling_params = functools.wraps(stock)(to_sampling_params)
+
+    # Every other entry (offline LLM, other endpoints) passes through the input processor.
+    stock_validate = InputProcessor._validate_params
+
+    @functools.wraps(stock_validate)
+    def _validate_params(self: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        result = stock_validate(self, params, *args, **kwargs)
+        validate_extra_args(getattr(params, "extra_args", None))
+        return result
+
+    InputProcessor._validate_params = _validate_params
+
+
+# -- observability ------------------------------------------------------------------------
+
+
+def _patch_engine_core() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    from keepkv_vllm.server.stats import engine_core_stats
+
+    EngineCore.kv_compression_stats = engine_core_stats  # a utility call: call_utility_async
+
+
+def _patch_endpoints() -> None:
+    # vLLM loads endpoint plugins only when VLLM_PLUGINS names them. Our endpoint is
+    # read-only and part of the feature, so the general plugin adds it itself.
+    import vllm.plugins as plugins
+
+    stock_load = plugins.load_endpoint_plugins
+
+    @functools.wraps(stock_load)
+    def load_endpoint_plugins(*args: Any, **kwargs: Any) -> list[Any]:
+        from keepkv_vllm.server.endpoint import KVCompressionEndpoint
+
+        loaded = list(stock_load(*args, **kwargs))
+        if not any(isinstance(p, KVCompressionEndpoint) for p in loaded):
+            loaded.append(KVCompressionEndpoint())
+        return loaded
+
+    plugins.load_endpoint_plugins = load_endpoint_plugins

@@ -1,0 +1,1 @@
+"""Observability: GET /v1/kv_compression and keepkv_* counters on /metrics."""

@@ -1,0 +1,95 @@
+"""``GET /v1/kv_compression`` and ``keepkv_*`` Prometheus counters on ``/metrics``.
+
+A vLLM endpoint plugin (loaded by keepkv_vllm.plugin). Counters live in the engine
+processes; a background task in the API server polls them once a second and mirrors them
+into prometheus_client counters of the API server's registry, which ``/metrics`` serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from argparse import Namespace
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from keepkv_vllm.server.stats import fetch_stats
+
+logger = logging.getLogger("vllm.keepkv")
+
+#: Prometheus counter name -> (section, key) in the stats
+METRICS = {
+    "keepkv_compressions": ("counters", "compressions", "Compressions of running requests"),
+    "keepkv_tokens_removed": ("counters", "tokens_removed", "Slots per head removed by compression"),
+    "keepkv_blocks_freed": ("counters", "blocks_freed", "KV blocks returned to the pool by compression"),
+    "keepkv_preemptions_avoided": (
+        "counters",
+        "preemptions_avoided",
+        "Allocations that would have preempted and were served after compressing",
+    ),
+    "keepkv_preemptions": ("counters", "preemptions", "Preemptions (compression could not free enough)"),
+    "keepkv_tokens_merged": ("worker", "tokens_merged", "Slots folded into survivors (all layers and heads)"),
+}
+POLL_SECONDS = 1.0
+
+
+class _Mirror:
+    """Monotonic engine counters mirrored into this process's Prometheus registry."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter
+
+        self.counters = {name: Counter(name, doc) for name, (_, _, doc) in METRICS.items()}
+        self.seen: dict[str, float] = {name: 0.0 for name in METRICS}
+
+    def update(self, stats: dict[str, Any]) -> None:
+        for name, (section, key, _) in METRICS.items():
+            value = float(stats.get(section, {}).get(key, 0.0))
+            if value > self.seen[name]:
+                self.counters[name].inc(value - self.seen[name])
+                self.seen[name] = value
+
+
+_MIRROR: _Mirror | None = None
+
+
+class KVCompressionEndpoint:
+    name = "keepkv_vllm"
+    required_tasks = None
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter()
+
+        @router.get("/v1/kv_compression")
+        async def kv_compression(request: Request) -> JSONResponse:
+            client = getattr(request.app.state, "kv_compression_client", None)
+            if client is None:
+                return JSONResponse({"enabled": False, "config": {"method": "none"}})
+            return JSONResponse(await fetch_stats(client))
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        global _MIRROR
+        state.kv_compression_client = engine_client
+        if engine_client is None:
+            return
+        if _MIRROR is None:
+            _MIRROR = _Mirror()
+        state.kv_compression_poller = asyncio.get_running_loop().create_task(_poll(engine_client, _MIRROR))
+
+
+async def _poll(engine_client: Any, mirror: _Mirror) -> None:
+    while True:
+        try:
+            stats = await fetch_stats(engine_client)
+            if not stats.get("enabled"):
+                return  # stock vLLM: nothing to mirror
+            mirror.update(stats)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # engine shutting down or busy: try again later
+            logger.debug("kv compression stats poll failed: %s", e)
+        await asyncio.sleep(POLL_SECONDS)

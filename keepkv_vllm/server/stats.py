@@ -1,0 +1,41 @@
+"""Engine-side statistics, fetched by the API server through vLLM's utility-call channel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def engine_core_stats(engine_core: Any) -> dict[str, Any]:
+    """Installed as ``EngineCore.kv_compression_stats`` (runs in the engine-core process)."""
+    scheduler = engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    counters = getattr(scheduler, "counters", None)
+    config = getattr(scheduler, "kvc", None)
+    return {
+        "enabled": counters is not None,
+        "config": config.model_dump() if config is not None else {"method": "none"},
+        "counters": counters.as_dict() if counters is not None else {},
+        "kv_cache": {
+            "free_blocks": pool.get_num_free_blocks(),
+            "total_blocks": pool.num_gpu_blocks - 1,
+            "block_size": scheduler.cache_config.block_size,
+        },
+        "requests": {
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "compressed_running": len(getattr(scheduler, "kv_offset", {})),
+        },
+    }
+
+
+async def fetch_stats(engine_client: Any) -> dict[str, Any]:
+    """Scheduler counters (engine core) plus compaction counters (workers)."""
+    stats = await engine_client.engine_core.call_utility_async("kv_compression_stats")
+    if stats.get("enabled"):
+        workers = await engine_client.collective_rpc("kv_compression_worker_stats")
+        merged: dict[str, float] = {}
+        for w in workers:
+            for k, v in w.items():
+                merged[k] = merged.get(k, 0) + v
+        stats["worker"] = merged
+    return stats
