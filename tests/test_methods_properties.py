@@ -70,7 +70,9 @@ def test_exact_vote_equals_count_vote_for_identical_tokens():
     keys[0, 10:20] = q  # ... but ten exact copies of one token, which score high
     values[0, 10:20] = values[0, 10]
     for rule in ("exact", "count"):
-        method = get_method("keepkv", similarity_threshold=0.999999, vote_rule=rule, sink=2, recent=2)
+        method = get_method(
+            "keepkv", similarity_threshold=0.999999, vote_rule=rule, sink=2, recent=2, pool_kernel=1
+        )
         res = method.compress(keys, values, vts, queries, 5)  # one heavy slot: the oldest copy
         assert res.kept_index[0].tolist() == [0, 1, 10, 38, 39]
         assert res.num_merged.item() == 9
