@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Triton kernels run in Triton's interpreter on machines without a GPU. The switch must be
+# set before anything imports triton (it decides how triton's own library is compiled).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_inputs(

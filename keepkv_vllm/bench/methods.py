@@ -22,9 +22,10 @@ def make_layer(
     tokens: int, kv_heads: int, group: int, head_dim: int, window: int, dtype: torch.dtype, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(kv_heads, 1, head_dim, generator=g) + torch.randn(
-        kv_heads, tokens, head_dim, generator=g
-    )
+    # a strong shared direction per head, as real post-RoPE keys have, so that some
+    # pairs pass the merge thresholds and the merge paths are timed too
+    base = 2.0 * torch.randn(kv_heads, 1, head_dim, generator=g)
+    keys = base + torch.randn(kv_heads, tokens, head_dim, generator=g)
     values = torch.randn(kv_heads, tokens, head_dim, generator=g)
     votes = torch.ones(kv_heads, tokens)
     queries = torch.randn(kv_heads * group, window, head_dim, generator=g)

@@ -44,7 +44,8 @@ class CompressionCounters:
     compressions: int = 0
     tokens_removed: int = 0  # slots removed per head (merged or dropped), summed over requests
     blocks_freed: int = 0
-    preemptions_avoided: int = 0  # failed allocations that compression satisfied
+    preemptions_avoided: int = 0  # running requests' allocations satisfied by compressing
+    admissions_enabled: int = 0  # waiting requests admitted thanks to compression
     preemptions: int = 0  # preemptions vLLM still made (last resort)
     requests_compressed: int = 0  # distinct requests compressed at least once
     compression_time_s: float = 0.0  # scheduler-side time (bookkeeping), not the worker's
@@ -115,12 +116,16 @@ class KeepKVScheduler(Scheduler):
     ) -> object:
         blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
         if blocks is None:
+            running = request.status == RequestStatus.RUNNING
             for victim in list(self._candidates()):
                 if not self._compress(victim):
                     continue
                 blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
                 if blocks is not None:
-                    self.counters.preemptions_avoided += 1
+                    if running:
+                        self.counters.preemptions_avoided += 1
+                    else:
+                        self.counters.admissions_enabled += 1
                     break
         if blocks is not None:
             lookahead = kwargs.get("num_lookahead_tokens", 0) or 0

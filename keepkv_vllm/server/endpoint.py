@@ -29,6 +29,11 @@ METRICS = {
         "preemptions_avoided",
         "Allocations that would have preempted and were served after compressing",
     ),
+    "keepkv_admissions_enabled": (
+        "counters",
+        "admissions_enabled",
+        "Waiting requests admitted after compressing running ones",
+    ),
     "keepkv_preemptions": ("counters", "preemptions", "Preemptions (compression could not free enough)"),
     "keepkv_tokens_merged": ("worker", "tokens_merged", "Slots folded into survivors (all layers and heads)"),
 }
@@ -72,22 +77,21 @@ class KVCompressionEndpoint:
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        global _MIRROR
         state.kv_compression_client = engine_client
-        if engine_client is None:
-            return
-        if _MIRROR is None:
-            _MIRROR = _Mirror()
-        state.kv_compression_poller = asyncio.get_running_loop().create_task(_poll(engine_client, _MIRROR))
+        if engine_client is not None:
+            state.kv_compression_poller = asyncio.get_running_loop().create_task(_poll(engine_client))
 
 
-async def _poll(engine_client: Any, mirror: _Mirror) -> None:
+async def _poll(engine_client: Any) -> None:
+    global _MIRROR
     while True:
         try:
             stats = await fetch_stats(engine_client)
             if not stats.get("enabled"):
-                return  # stock vLLM: nothing to mirror
-            mirror.update(stats)
+                return  # stock vLLM: no keepkv_* metrics at all
+            if _MIRROR is None:
+                _MIRROR = _Mirror()
+            _MIRROR.update(stats)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # engine shutting down or busy: try again later

@@ -1,0 +1,1 @@
+"""GPU kernels (torch + triton only; no vLLM import)."""

@@ -1,0 +1,310 @@
+"""Vote-weighted paged attention in Triton (decode and chunked prefill, split-K, GQA).
+
+    out[t, h] = softmax_j(q[t, h] . k_j * scale + log p_j) @ V   over the request's slots j
+
+Keys/values are read through a block table from a paged cache of any strides (vLLM's GPU
+layout [num_blocks, block_size, H_kv, d] or the plain [num_blocks, H_kv, block_size, d]),
+votes from a [num_blocks, H_kv, block_size] tensor (any strides). One program handles
+BLOCK_Q query tokens x the GROUP query heads of one kv-head (GQA: keys are loaded once per
+kv-head) over one split of the KV range; with NUM_SPLITS > 1, partial (max, sum, acc) go
+to a fixed workspace and a second kernel combines them, so one long request still fills the
+GPU. No host synchronisation and no allocation inside ``forward`` when the caller passes
+the workspace: the decode path can be captured in a CUDA graph.
+
+torch + triton only (no vLLM import): testable on the CPU with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) stays 1, not NaN
+
+
+@triton.jit
+def _vote_attention_kernel(
+    Q,
+    K,
+    V,
+    P,
+    BT,
+    SEQ_LENS,
+    QSL,
+    OUT,
+    WS_M,
+    WS_L,
+    WS_ACC,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    num_q_heads,
+    scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    USE_VOTES: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    q_start = tl.load(QSL + seq)
+    q_len = tl.load(QSL + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(SEQ_LENS + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = seq_len - q_len + tok  # slot index of each query token: it sees slots <= q_pos
+
+    # this tile's queries see at most kv_end slots; split them evenly over NUM_SPLITS
+    kv_end = tl.minimum(seq_len, seq_len - q_len + (q_tile + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for n in range(first, last):
+        slots = n * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot_ok = slots < kv_end
+        blk = tl.load(BT + seq * stride_bt + slots // BLOCK_SIZE, mask=slot_ok, other=0)
+        off = slots % BLOCK_SIZE
+        kv_mask = slot_ok[:, None] & dim_ok[None, :]
+        k = tl.load(
+            K + blk[:, None] * stride_kb + off[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            V + blk[:, None] * stride_vb + off[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if USE_VOTES:
+            p = tl.load(P + blk * stride_pb + kv_head * stride_ph + off * stride_ps, mask=slot_ok, other=1.0)
+            s += tl.log(p.to(tl.float32))[None, :]
+        visible = (slots[None, :] <= q_pos[:, None]) & slot_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        e = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+
+    token = q_start + tok
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(
+            OUT + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+            out.to(OUT.dtype.element_ty),
+            mask=row_ok[:, None] & dim_ok[None, :],
+        )
+    else:
+        ws = (token * num_q_heads + head) * NUM_SPLITS + split
+        tl.store(WS_M + ws, m_i, mask=row_ok)
+        tl.store(WS_L + ws, l_i, mask=row_ok)
+        tl.store(WS_ACC + ws[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    WS_M,
+    WS_L,
+    WS_ACC,
+    OUT,
+    stride_ot,
+    stride_oh,
+    num_q_heads,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    base = (token * num_q_heads + head) * NUM_SPLITS
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, D_PAD)
+    m = tl.load(WS_M + base + splits)
+    l = tl.load(WS_L + base + splits)  # noqa: E741
+    acc = tl.load(WS_ACC + (base + splits)[:, None] * D_PAD + dims[None, :])
+    m_max = tl.max(m, axis=0)
+    w = tl.exp(m - m_max)  # empty splits carry _NEG and weigh 0
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(OUT + token * stride_ot + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+def _d_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@dataclass
+class Workspace:
+    """Fixed buffers for split-K partials: allocate once (CUDA-graph safe), reuse every call."""
+
+    m: torch.Tensor
+    l: torch.Tensor  # noqa: E741
+    acc: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, max_tokens: int, num_q_heads: int, head_dim: int, num_splits: int, device: torch.device | str
+    ) -> Workspace:
+        d_pad = _d_pad(head_dim)
+        n = max_tokens * num_q_heads * num_splits
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n * d_pad, **f32))
+
+
+def pick_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, block_n: int = 64) -> int:
+    """Enough programs to fill the GPU (~2 per SM) without splits shorter than 4 KV tiles."""
+    programs = max(1, num_seqs * num_kv_heads)
+    want = max(1, (2 * num_sms) // programs)
+    longest = max(1, math.ceil(max_seq_len / (4 * block_n)))
+    return 1 << (min(want, longest, 64).bit_length() - 1)  # a power of two for the combine
+
+
+def vote_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    votes: torch.Tensor | None,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int = 1,
+    workspace: Workspace | None = None,
+    block_q: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` [num_tokens, H_q, d] over each sequence's paged slots.
+
+    key_cache/value_cache: [num_blocks, block_size, H_kv, d] (vLLM GPU, "NHD") or any tensor whose
+    dims are (block, slot-in-block, kv-head, dim) after ``.permute``; pass the permuted view.
+    votes: [num_blocks, H_kv, block_size] float (None: all ones, plain paged attention).
+    block_table [num_seqs, max_blocks] int32; seq_lens [num_seqs] (slots incl. this step's);
+    query_start_loc [num_seqs + 1]. ``max_query_len`` is a host int (no sync): 1 for decode.
+    """
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous in query and caches")
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    group = num_q_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(query) if out is None else out
+    if block_q is None:
+        block_q = 1 if max_query_len == 1 else max(1, 64 // group)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    block_n = block_n or 64  # slots per KV tile; block ids are looked up per slot
+    d_pad = _d_pad(head_dim)
+    if num_splits > 1:
+        if workspace is None:
+            workspace = Workspace.allocate(num_tokens, num_q_heads, head_dim, num_splits, query.device)
+        ws = (workspace.m, workspace.l, workspace.acc)
+    else:
+        ws = (out, out, out)  # unused
+    pv = votes if votes is not None else key_cache  # unused pointer when USE_VOTES is False
+    p_strides = votes.stride() if votes is not None else (0, 0, 0)
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    _vote_attention_kernel[grid](
+        query,
+        key_cache,
+        value_cache,
+        pv,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        out,
+        *ws,
+        query.stride(0),
+        query.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
+        p_strides[0],
+        p_strides[1],
+        p_strides[2],
+        block_table.stride(0),
+        out.stride(0),
+        out.stride(1),
+        num_q_heads,
+        scale,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        USE_VOTES=votes is not None,
+        # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): upcast
+        # there only; on a GPU bf16 tiles go to the tensor cores as they are.
+        UPCAST=query.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret),
+    )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_q_heads)](
+            workspace.m,
+            workspace.l,
+            workspace.acc,
+            out,
+            out.stride(0),
+            out.stride(1),
+            num_q_heads,
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+            NUM_SPLITS=num_splits,
+        )
+    return out

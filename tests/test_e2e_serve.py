@@ -1,0 +1,212 @@
+"""End to end: real `vllm serve` subprocesses, the real `openai` client, SmolLM2-135M.
+
+Two servers with the same small KV pool (38 blocks of 128 tokens): stock vLLM and
+`--kv-compression keepkv`. Eight concurrent 1,535-token needle prompts with 64 output
+tokens each need more KV than the pool holds while decoding, so stock vLLM preempts.
+Prefill is chunked (512 tokens a step), so new prompts are prefilled beside compressed ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench.workload import run_concurrent
+
+pytestmark = pytest.mark.slow
+
+POOL_BLOCKS = 38
+PROMPT_TOKENS = 1535  # one slot short of 12 blocks: every request needs a 13th while decoding
+OUTPUT_TOKENS = 64
+NUM_REQUESTS = 8
+COMMON = [
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "2048",
+    "--enforce-eager",  # ~35 s startup instead of ~100 s of torch.compile; same for both servers
+    "--max-num-batched-tokens",
+    "512",  # prompts are prefilled in 3 chunks, beside requests that are decoding compressed
+    "--gpu-memory-utilization",
+    "0.3",
+    "--kv-cache-memory-bytes",
+    str(POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN),
+]
+KEEPKV = ["--kv-compression", "keepkv", "--kv-compression-config", '{"budget": 0.3}']
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+@pytest.fixture(scope="module")
+def servers():
+    stock, keepkv = ServerProcess(COMMON), ServerProcess(COMMON + KEEPKV)
+    errors = []
+
+    def start(server: ServerProcess) -> None:
+        try:
+            server.start()
+        except Exception as e:  # reported below, after both attempts
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in (stock, keepkv)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield {"stock": stock, "keepkv": keepkv}
+    finally:
+        stock.stop()
+        keepkv.stop()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+    from keepkv_vllm.eval.needle import NeedleFactory
+
+    factory = NeedleFactory(AutoTokenizer.from_pretrained(str(model_dir())))
+    made = [factory.make(PROMPT_TOKENS, 0.5, seed) for seed in range(NUM_REQUESTS)]
+    assert all(len(p.token_ids) == PROMPT_TOKENS for p in made)
+    return made
+
+
+def _run(server: ServerProcess, prompts, xargs=None) -> dict:
+    before = server.metrics().get("vllm:num_preemptions_total", 0.0)
+    start = time.perf_counter()
+    results = asyncio.run(run_concurrent(server.base_url, prompts, OUTPUT_TOKENS, NUM_REQUESTS, xargs=xargs))
+    wall = time.perf_counter() - start
+    return {
+        "wall_s": round(wall, 2),
+        "score": sum(r.passcode_found for r in results),
+        "preemptions": server.metrics().get("vllm:num_preemptions_total", 0.0) - before,
+        "completion_tokens": [r.completion_tokens for r in results],
+        "finish_reasons": [r.finish_reason for r in results],
+        "stats": server.get_json("/v1/kv_compression"),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(servers, prompts):
+    out = {"stock": _run(servers["stock"], prompts)}
+    counters_before = servers["keepkv"].get_json("/v1/kv_compression")["counters"]
+    out["keepkv@30%"] = _run(servers["keepkv"], prompts)
+    out["keepkv@30%"]["counters_before"] = counters_before
+    for budget in (0.2, 0.1):
+        out[f"keepkv@{budget:.0%}"] = _run(servers["keepkv"], prompts, xargs={"kv_budget": budget})
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "e2e_needle_pressure.json").write_text(json.dumps(out, indent=1))
+    for name, r in out.items():
+        print(f"{name}: score {r['score']}/{NUM_REQUESTS} preemptions {r['preemptions']:.0f} wall {r['wall_s']}s")
+    return out
+
+
+def test_stock_vllm_preempts_on_this_pool(runs):
+    assert runs["stock"]["preemptions"] > 0
+    assert runs["stock"]["stats"]["enabled"] is False
+
+
+def test_keepkv_compresses_instead_of_preempting(runs):
+    run = runs["keepkv@30%"]
+    before, after = run["counters_before"], run["stats"]["counters"]
+    assert run["preemptions"] == 0 and after["preemptions"] == 0
+    assert after["compressions"] > before["compressions"]
+    assert after["blocks_freed"] > before["blocks_freed"]
+    assert after["preemptions_avoided"] + after["admissions_enabled"] > 0
+    assert run["stats"]["worker"]["tokens_merged"] > 0  # KeepKV merged, not only evicted
+
+
+def test_every_request_completes_with_all_its_tokens(runs):
+    for run in runs.values():
+        assert run["completion_tokens"] == [OUTPUT_TOKENS] * NUM_REQUESTS
+        assert run["finish_reasons"] == ["length"] * NUM_REQUESTS
+
+
+def test_needle_is_found_at_a_30_percent_budget(runs):
+    # scores per budget are written to results/e2e_needle_pressure.json and docs/
+    assert runs["keepkv@30%"]["score"] >= NUM_REQUESTS - 2, runs["keepkv@30%"]
+
+
+def test_free_blocks_return_to_their_starting_value(runs):
+    for run in runs.values():
+        kv = run["stats"]["kv_cache"]
+        assert kv["total_blocks"] == POOL_BLOCKS - 1  # one block is vLLM's null block
+        assert kv["free_blocks"] == kv["total_blocks"]
+        assert run["stats"]["requests"] == {"running": 0, "waiting": 0, "compressed_running": 0}
+
+
+def test_counters_on_metrics_and_info_log(servers, runs):
+    keepkv = servers["keepkv"]
+    counters = keepkv.get_json("/v1/kv_compression")["counters"]
+    deadline = time.monotonic() + 10  # the API server mirrors engine counters once a second
+    while keepkv.metrics().get("keepkv_compressions_total", 0) != counters["compressions"]:
+        assert time.monotonic() < deadline, "keepkv counters did not reach /metrics"
+        time.sleep(0.5)
+    metrics = keepkv.metrics()
+    assert metrics["keepkv_compressions_total"] == counters["compressions"]
+    assert metrics["keepkv_blocks_freed_total"] == counters["blocks_freed"]
+    assert metrics["keepkv_tokens_merged_total"] > 0
+    assert "keepkv_compressions_total" not in servers["stock"].metrics()
+    log = Path(keepkv.log.name).read_text()
+    assert "KV compression enabled: method=keepkv" in log
+    assert "kv compression (keepkv): request" in log
+
+
+def test_endpoint_reports_the_active_config(servers):
+    stats = servers["keepkv"].get_json("/v1/kv_compression")
+    assert stats["enabled"] is True
+    assert stats["config"]["method"] == "keepkv" and stats["config"]["budget"] == 0.3
+    assert servers["stock"].get_json("/v1/kv_compression")["config"] == {"method": "none"}
+
+
+def _complete(server: ServerProcess, **kwargs):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return client.completions.create(model=SERVED_NAME, temperature=0, **kwargs)
+
+
+def test_unpressured_request_matches_stock_token_for_token(servers, runs):
+    prompt = "Paul Graham wrote essays about startups. The most important thing for a startup is"
+    a = _complete(servers["stock"], prompt=prompt, max_tokens=48, logprobs=1)
+    b = _complete(servers["keepkv"], prompt=prompt, max_tokens=48, logprobs=1)
+    assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
+    assert a.usage.completion_tokens == b.usage.completion_tokens == 48
+
+
+@pytest.mark.parametrize(
+    "xargs, key",
+    [
+        ({"kv_budget": -1}, "kv_budget"),
+        ({"kv_budget": 0}, "kv_budget"),
+        ({"kv_budget": 1.5}, "kv_budget"),
+        ({"kv_budget": "lots"}, "kv_budget"),
+        ({"kv_compression": "maybe"}, "kv_compression"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_per_request_options_are_http_400(servers, xargs, key, stream):
+    server = servers["keepkv"]
+    with pytest.raises(openai.BadRequestError) as err:
+        r = _complete(server, prompt="Hello", max_tokens=4, stream=stream, extra_body={"vllm_xargs": xargs})
+        if stream:
+            list(r)
+    assert err.value.status_code == 400
+    assert key in str(err.value)
+    ok = _complete(server, prompt="Hello", max_tokens=4)  # the server keeps serving
+    assert ok.usage.completion_tokens == 4
+
+
+def test_good_per_request_options_are_accepted(servers):
+    for xargs in ({"kv_budget": 0.25}, {"kv_budget": 512}, {"kv_compression": "off"}):
+        r = _complete(servers["keepkv"], prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs})
+        assert r.usage.completion_tokens == 4

@@ -1,0 +1,127 @@
+"""The Triton vote-attention kernel against the float64 reference.
+
+Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1) on the CPU: slow,
+so sizes are small, but every index, mask and the split-K combine are the same code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from keepkv_vllm.attention.reference import vote_attention
+
+triton = pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 without a GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return importlib.import_module("keepkv_vllm.kernels.triton_vote_attention")
+
+
+def make_case(seed, seq_lens, q_lens, h_kv, group, d, block_size, dtype, with_votes):
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(s + block_size - 1) // block_size for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    # poison everything: unused blocks and unused slots must never be read
+    key_cache = torch.full((num_blocks, block_size, h_kv, d), float("nan"))
+    value_cache = torch.full((num_blocks, block_size, h_kv, d), float("nan"))
+    votes = torch.full((num_blocks, h_kv, block_size), float("nan"))
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    dense = []
+    used = 0
+    for i, (s, nb) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        ids = perm[used : used + nb]
+        used += nb
+        table[i, :nb] = ids.to(torch.int32)
+        k = torch.randn(s, h_kv, d, generator=g)
+        v = torch.randn(s, h_kv, d, generator=g)
+        p = (1 + 4 * torch.rand(h_kv, s, generator=g)) if with_votes else torch.ones(h_kv, s)
+        for j in range(s):
+            key_cache[ids[j // block_size], j % block_size] = k[j]
+            value_cache[ids[j // block_size], j % block_size] = v[j]
+            votes[ids[j // block_size], :, j % block_size] = p[:, j]
+        dense.append((k, v, p))
+    q = torch.randn(sum(q_lens), h_kv * group, d, generator=g)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    expected = torch.empty(q.shape, dtype=torch.float64)
+    for i, (k, v, p) in enumerate(dense):
+        # the reference in float64 from the same (rounded) values the kernel reads
+        kq, vq = k.to(dtype).double(), v.to(dtype).double()
+        qs = q[qsl[i] : qsl[i + 1]].to(dtype).double()
+        out = vote_attention(qs.transpose(0, 1), kq.transpose(0, 1), vq.transpose(0, 1), p.double(), causal=True)
+        expected[qsl[i] : qsl[i + 1]] = out.transpose(0, 1)
+    return dict(
+        query=q.to(dtype).to(DEVICE),
+        key_cache=key_cache.to(dtype).to(DEVICE),
+        value_cache=value_cache.to(dtype).to(DEVICE),
+        votes=votes.to(DEVICE) if with_votes else None,
+        block_table=table.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=qsl.to(DEVICE),
+        max_query_len=max(q_lens),
+        scale=d**-0.5,
+    ), expected
+
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize(
+    "seq_lens, q_lens",
+    [([37, 5, 70], [1, 1, 1]), ([40, 9, 66], [3, 1, 5])],  # decode; chunked prefill (causal in chunk)
+    ids=["decode", "chunked-prefill"],
+)
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("with_votes", [True, False])
+def test_kernel_matches_float64_reference(kernel, seq_lens, q_lens, group, num_splits, with_votes):
+    inputs, expected = make_case(0, seq_lens, q_lens, 2, group, 32, 16, torch.float32, with_votes)
+    out = kernel.vote_paged_attention(**inputs, num_splits=num_splits, block_n=16)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d, block_size", [(64, 32), (128, 16)])
+def test_kernel_half_precision_caches(kernel, dtype, d, block_size):
+    inputs, expected = make_case(1, [50, 19], [1, 2], 2, 2, d, block_size, dtype, True)
+    out = kernel.vote_paged_attention(**inputs, num_splits=2, block_n=16)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_unit_votes_equal_votes_none(kernel):
+    inputs, _ = make_case(2, [33, 12], [1, 1], 1, 2, 32, 16, torch.float32, False)
+    plain = kernel.vote_paged_attention(**inputs)
+    ones = torch.ones(inputs["key_cache"].shape[0], 1, 16, device=DEVICE)
+    voted = kernel.vote_paged_attention(**{**inputs, "votes": ones})
+    torch.testing.assert_close(plain, voted, rtol=1e-6, atol=1e-6)
+
+
+def test_preallocated_workspace_and_output_are_reused(kernel):
+    """CUDA-graph safety: with caller buffers, forward allocates nothing it returns."""
+    inputs, expected = make_case(3, [45, 30], [1, 1], 2, 2, 32, 16, torch.float32, True)
+    ws = kernel.Workspace.allocate(2, 4, 32, 4, DEVICE)
+    out = torch.empty_like(inputs["query"])
+    got = kernel.vote_paged_attention(**inputs, out=out, num_splits=4, workspace=ws, block_n=16)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_pick_num_splits_fills_the_gpu_for_one_long_request(kernel):
+    assert kernel.pick_num_splits(1, 8, 32768) >= 16
+    assert kernel.pick_num_splits(256, 8, 32768) == 1
+    assert kernel.pick_num_splits(1, 8, 100) == 1
+
+
+def test_bad_arguments(kernel):
+    inputs, _ = make_case(4, [10], [1], 2, 2, 32, 16, torch.float32, False)
+    with pytest.raises(ValueError, match="power of two"):
+        kernel.vote_paged_attention(**inputs, num_splits=3)
+    with pytest.raises(ValueError, match="multiple"):
+        kernel.vote_paged_attention(**{**inputs, "query": inputs["query"][:, :3]})
