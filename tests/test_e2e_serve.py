@@ -107,7 +107,8 @@ def runs(servers, prompts):
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "e2e_needle_pressure.json").write_text(json.dumps(out, indent=1))
     for name, r in out.items():
-        print(f"{name}: score {r['score']}/{NUM_REQUESTS} preemptions {r['preemptions']:.0f} wall {r['wall_s']}s")
+        score = f"{r['score']}/{NUM_REQUESTS}"
+        print(f"{name}: score {score} preemptions {r['preemptions']:.0f} wall {r['wall_s']}s")
     return out
 
 

@@ -35,15 +35,15 @@ def engine_args(argv):
 
 def test_register_is_idempotent():
     plugin.register()
-ENGINE_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     plugin.register()
-ENGINE_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     parser = serve_parser()
     assert sum("--kv-compression" in a.option_strings for a in parser._actions) == 1
 
 
 def test_flags_map_into_additional_config():
-    ea = engine_args(["--kv-compression", "kvmerger", "--kv-compression-config", '{"budget": 256, "window": 8}'])
+    ea = engine_args(
+        ["--kv-compression", "kvmerger", "--kv-compression-config", '{"budget": 256, "window": 8}']
+    )
     assert ea.additional_config["kv_compression"] == {"budget": 256, "window": 8, "method": "kvmerger"}
 
 
@@ -104,7 +104,12 @@ def test_llm_bad_settings_raise_naming_the_key():
         (["--kv-compression", "keepkv", "--kv-compression-config", '{"budgett": 0.5}'], "budgett"),
         (["--kv-compression", "keepkv", "--kv-compression-config", '{"window": 0}'], "window"),
         (
-            ["--kv-compression", "keepkv", "--kv-compression-config", '{"method_options": {"vote_rule": "x"}}'],
+            [
+                "--kv-compression",
+                "keepkv",
+                "--kv-compression-config",
+                '{"method_options": {"vote_rule": "x"}}',
+            ],
             "vote_rule",
         ),
         (["--kv-compression-config", "/no/such/file.yaml"], "no such file"),

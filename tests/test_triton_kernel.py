@@ -53,7 +53,9 @@ def make_case(seed, seq_lens, q_lens, h_kv, group, d, block_size, dtype, with_vo
         # the reference in float64 from the same (rounded) values the kernel reads
         kq, vq = k.to(dtype).double(), v.to(dtype).double()
         qs = q[qsl[i] : qsl[i + 1]].to(dtype).double()
-        out = vote_attention(qs.transpose(0, 1), kq.transpose(0, 1), vq.transpose(0, 1), p.double(), causal=True)
+        out = vote_attention(
+            qs.transpose(0, 1), kq.transpose(0, 1), vq.transpose(0, 1), p.double(), causal=True
+        )
         expected[qsl[i] : qsl[i + 1]] = out.transpose(0, 1)
     return dict(
         query=q.to(dtype).to(DEVICE),
@@ -125,3 +127,13 @@ def test_bad_arguments(kernel):
         kernel.vote_paged_attention(**inputs, num_splits=3)
     with pytest.raises(ValueError, match="multiple"):
         kernel.vote_paged_attention(**{**inputs, "query": inputs["query"][:, :3]})
+
+
+def test_benchmark_script_smoke(capsys):
+    """The GPU benchmark runs end to end (tiny grid; on the CPU through the interpreter)."""
+    bench = importlib.import_module("keepkv_vllm.kernels.bench_vote_attention")
+    bench.main(["--smoke"])
+    out = capsys.readouterr().out
+    assert "| 2 | 64 |" in out
+    err = float(out.strip().splitlines()[-1].split("|")[4])
+    assert err < 1e-4

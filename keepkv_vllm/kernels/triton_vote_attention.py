@@ -173,7 +173,9 @@ def _combine_splits_kernel(
     m_max = tl.max(m, axis=0)
     w = tl.exp(m - m_max)  # empty splits carry _NEG and weigh 0
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(OUT + token * stride_ot + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(
+        OUT + token * stride_ot + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dims < HEAD_DIM
+    )
 
 
 def _d_pad(head_dim: int) -> int:
@@ -198,7 +200,9 @@ class Workspace:
         return cls(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n * d_pad, **f32))
 
 
-def pick_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, block_n: int = 64) -> int:
+def pick_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, block_n: int = 64
+) -> int:
     """Enough programs to fill the GPU (~2 per SM) without splits shorter than 4 KV tiles."""
     programs = max(1, num_seqs * num_kv_heads)
     want = max(1, (2 * num_sms) // programs)

@@ -1,0 +1,189 @@
+"""Benchmark the Triton vote-attention kernel (standalone: torch + triton, no vLLM).
+
+    python -m keepkv_vllm.kernels.bench_vote_attention            # on a GPU: full grid
+    python -m keepkv_vllm.kernels.bench_vote_attention --smoke    # tiny grid (also on CPU)
+
+For each decode shape (batch x context, Llama-3.1-8B attention: 32 query heads, 8 kv-heads,
+head_dim 128, bf16, block size 16) it checks the kernel against a float32 torch reference on
+the same paged data, then times it next to torch's scaled_dot_product_attention on the same
+(unpaged, contiguous) keys and values, and reports the kernel's achieved memory bandwidth
+(K + V + votes bytes read / time) as a fraction of the card's measured copy bandwidth.
+Prints a markdown table; ``--json`` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from keepkv_vllm.kernels.triton_vote_attention import Workspace, pick_num_splits, vote_paged_attention
+
+
+def _time(fn: object, device: str, iters: int) -> float:
+    """Median seconds per call (CUDA events on a GPU, perf_counter on the CPU)."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = _time(lambda: dst.copy_(src), device, 10)
+    return 2 * src.numel() / t
+
+
+def make_decode(
+    batch: int, context: int, h_q: int, h_kv: int, d: int, block_size: int, dtype: torch.dtype, device: str
+) -> dict[str, torch.Tensor]:
+    """A decode batch over a paged cache with shuffled block tables and votes in [1, 4)."""
+    g = torch.Generator(device="cpu").manual_seed(batch * 7919 + context)
+    blocks_per_seq = (context + block_size - 1) // block_size
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks, block_size, h_kv, d)
+    return dict(
+        query=torch.randn(batch, h_q, d, generator=g).to(dtype).to(device),
+        key_cache=torch.randn(*shape, generator=g).to(dtype).to(device),
+        value_cache=torch.randn(*shape, generator=g).to(dtype).to(device),
+        votes=(1 + 3 * torch.rand(num_blocks, h_kv, block_size, generator=g)).to(device),
+        block_table=torch.randperm(num_blocks, generator=g).view(batch, -1).to(torch.int32).to(device),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32, device=device),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
+    )
+
+
+def reference(inputs: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """float32 torch reference on the same paged data (gathers each sequence)."""
+    query, key_cache, value_cache = inputs["query"], inputs["key_cache"], inputs["value_cache"]
+    votes, table, seq_lens = inputs["votes"], inputs["block_table"], inputs["seq_lens"]
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    group = query.shape[1] // key_cache.shape[2]
+    for b in range(query.shape[0]):
+        n = int(seq_lens[b])
+        blocks = table[b]
+        k = key_cache[blocks].flatten(0, 1)[:n].float()  # [n, H_kv, d]
+        v = value_cache[blocks].flatten(0, 1)[:n].float()
+        p = votes[blocks].transpose(1, 2).flatten(0, 1)[:n].float()  # [n, H_kv]
+        k, v, p = (x.repeat_interleave(group, dim=1) for x in (k, v, p))
+        logits = torch.einsum("hd,nhd->hn", query[b].float(), k) * scale + p.log().T
+        out[b] = torch.einsum("hn,nhd->hd", logits.softmax(-1), v)
+    return out
+
+
+def measure(batch: int, context: int, args: argparse.Namespace, device: str, num_sms: int) -> dict:
+    """Correctness and timing of one decode shape, kernel vs SDPA."""
+    dtype = getattr(torch, args.dtype)
+    h_q, h_kv, d = args.q_heads, args.kv_heads, args.head_dim
+    scale = d**-0.5
+    inputs = make_decode(batch, context, h_q, h_kv, d, args.block_size, dtype, device)
+    splits = pick_num_splits(batch, h_kv, context, num_sms=num_sms)
+    ws = Workspace.allocate(batch, h_q, d, splits, device) if splits > 1 else None
+    out = torch.empty_like(inputs["query"])
+
+    def kernel() -> torch.Tensor:
+        return vote_paged_attention(
+            **inputs, max_query_len=1, scale=scale, out=out, num_splits=splits, workspace=ws
+        )
+
+    err = (kernel().float() - reference(inputs, scale)).abs().max().item()
+    # SDPA over the same amount of contiguous (unpaged) KV; it expands GQA itself
+    k_dense = torch.randn(batch, h_kv, context, d, device=device, dtype=dtype)
+    v_dense = torch.randn_like(k_dense)
+    q_dense = inputs["query"].view(batch, h_q, 1, d)
+
+    def sdpa() -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q_dense, k_dense, v_dense, enable_gqa=True)
+
+    t_kernel = _time(kernel, device, args.iters)
+    t_sdpa = _time(sdpa, device, args.iters)
+    bytes_read = batch * context * h_kv * (2 * d * inputs["key_cache"].element_size() + 4)
+    return dict(
+        batch=batch,
+        context=context,
+        splits=splits,
+        max_abs_err=err,
+        kernel_us=t_kernel * 1e6,
+        sdpa_us=t_sdpa * 1e6,
+        ratio=t_kernel / t_sdpa,
+        gbps=bytes_read / t_kernel / 1e9,
+    )
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = copy_bandwidth(device) if device == "cuda" else float("nan")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    print(
+        f"device: {name}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
+        f"{args.q_heads}q/{args.kv_heads}kv heads, d={args.head_dim}, {args.dtype}, block {args.block_size}"
+    )
+    print("| batch | context | splits | max err | kernel us | SDPA us | kernel/SDPA | GB/s | % of copy BW |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            row = measure(batch, context, args, device, num_sms)
+            row["device"] = name
+            row["bw_fraction"] = row["gbps"] * 1e9 / bandwidth
+            rows.append(row)
+            cells = [
+                batch,
+                context,
+                row["splits"],
+                f"{row['max_abs_err']:.1e}",
+                f"{row['kernel_us']:.1f}",
+                f"{row['sdpa_us']:.1f}",
+                f"{row['ratio']:.2f}",
+                f"{row['gbps']:.0f}",
+                f"{100 * row['bw_fraction']:.0f}%",
+            ]
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--smoke", action="store_true", help="tiny grid that also runs on the CPU interpreter")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batches, args.contexts, args.iters = [2], [64], 1
+        args.q_heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 32, "float32"
+    rows = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
