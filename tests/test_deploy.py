@@ -1,0 +1,168 @@
+"""Deployment files, checked statically (no docker engine here): parse, lint, cross-check
+every command line against vLLM's real `vllm serve` parser with the plugin loaded."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("vllm")
+
+from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
+from vllm.entrypoints.launchers.cli_args import make_arg_parser  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+
+from keepkv_vllm import plugin  # noqa: E402
+from keepkv_vllm.config import parse_config  # noqa: E402
+
+plugin.register()
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+IMAGE_ROOT = "/opt/keepkv-vllm/"  # where the images put the repository
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        current += line[:-1] + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            instruction, _, args = current.partition(" ")
+            lines.append((instruction.upper(), args.strip()))
+            current = ""
+    return lines
+
+
+def exec_form(args: str) -> list[str]:
+    return json.loads(args)
+
+
+def serve_settings(argv: list[str]) -> dict:
+    """Parse a `vllm serve` command line like the CLI does; return our validated settings."""
+    local = [str(ROOT / a[len(IMAGE_ROOT) :]) if a.startswith(IMAGE_ROOT) else a for a in argv]
+    local = [str(ROOT / a) if a.startswith("configs/") else a for a in local]
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    args = parser.parse_args(local)
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    settings = (engine_args.additional_config or {}).get("kv_compression")
+    parse_config(settings)  # raises on anything invalid
+    return settings or {}
+
+
+def test_hadolint_passes_on_both_dockerfiles():
+    hadolint = Path(sys.executable).with_name("hadolint")
+    proc = subprocess.run(
+        [str(hadolint), str(DEPLOY / "Dockerfile"), str(DEPLOY / "Dockerfile.cpu")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfile_base_is_pinned_user_is_not_root_and_no_secrets(name):
+    steps = dockerfile(DEPLOY / name)
+    bases = [args for ins, args in steps if ins == "FROM"]
+    assert bases and all(re.fullmatch(r"[\w./-]+:[\w.-]+", b) and not b.endswith(":latest") for b in bases)
+    users = [args for ins, args in steps if ins == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    text = (DEPLOY / name).read_text()
+    assert not re.search(r"(?i)(password|secret|api_?key|token)\s*[=:]\s*\S{8,}", text)
+    assert not re.search(r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|PRIVATE KEY", text)
+
+
+def test_gpu_image_is_the_official_vllm_image_of_our_version():
+    steps = dockerfile(DEPLOY / "Dockerfile")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    version = re.search(r'gpu = \["vllm==([\d.]+)"\]', pyproject).group(1)
+    assert [a for i, a in steps if i == "FROM"] == [f"vllm/vllm-openai:v{version}"]
+    entrypoint = exec_form(next(a for i, a in steps if i == "ENTRYPOINT"))
+    assert entrypoint == ["vllm", "serve"]
+    cmd = exec_form(next(a for i, a in steps if i == "CMD"))
+    assert serve_settings(cmd)["method"] == "keepkv"
+
+
+def test_cpu_image_installs_with_the_ci_script_and_serves_the_bundled_model():
+    steps = dockerfile(DEPLOY / "Dockerfile.cpu")
+    runs = [a for i, a in steps if i == "RUN"]
+    assert "bash scripts/setup.sh" in runs
+    assert "bash scripts/setup.sh" in (ROOT / ".ci" / "run").read_text()
+    entrypoint = exec_form(next(a for i, a in steps if i == "ENTRYPOINT"))
+    assert entrypoint[0] == "scripts/serve.sh"
+    serve_sh = (ROOT / "scripts" / "serve.sh").read_text()
+    assert 'exec "$VENV/bin/vllm" serve "$MODEL"' in serve_sh  # the real `vllm serve`, bundled model
+    cmd = exec_form(next(a for i, a in steps if i == "CMD"))
+    settings = serve_settings(["/model", *entrypoint[1:], *cmd])
+    assert settings["method"] == "keepkv"
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_has_cpu_and_gpu_profiles_with_healthchecks():
+    services = _compose()["services"]
+    assert services["keepkv-cpu"]["profiles"] == ["cpu"] and services["keepkv-gpu"]["profiles"] == ["gpu"]
+    for service in services.values():
+        assert (ROOT / service["build"]["dockerfile"]).is_file()
+        assert "8000:8000" in service["ports"]
+        assert "/health" in " ".join(service["healthcheck"]["test"])
+    gpu = services["keepkv-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert any(v.startswith("hf-cache:") for v in services["keepkv-gpu"]["volumes"])
+
+
+def test_compose_command_lines_parse_with_the_real_cli():
+    services = _compose()["services"]
+    cpu = services["keepkv-cpu"]["command"]
+    assert serve_settings(["/model", "--host", "0.0.0.0", *cpu])["method"] == "keepkv"
+    gpu = [re.sub(r"\$\{MODEL:-([^}]+)\}", r"\1", a) for a in services["keepkv-gpu"]["command"]]
+    assert serve_settings(gpu)["method"] == "keepkv"
+
+
+def test_kubernetes_manifest():
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service"}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    port_names = {p["name"] for p in container["ports"]}
+    assert kinds["Service"]["spec"]["ports"][0]["targetPort"] in port_names
+    assert kinds["Service"]["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert serve_settings(container["args"])["method"] == "keepkv"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_preset_parses_and_maps_to_the_plugin(config):
+    assert config.read_text().startswith("#"), "each preset starts with its intended workload"
+    raw = yaml.safe_load(config.read_text())
+    settings = serve_settings(["/model", "--config", str(config)])
+    assert settings["method"] == raw["kv-compression"]
+    assert {k: v for k, v in settings.items() if k != "method"} == raw["kv-compression-config"]
+
+
+def test_the_four_presets_exist():
+    assert {c.stem for c in CONFIGS} >= {"balanced", "aggressive", "quality-first", "streaming-chat"}
+
+
+def test_readme_deployment_commands_name_existing_files():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Deployment", 1)[1]
+    for cmd in re.findall(r"^(docker .+|kubectl .+)$", section, flags=re.M):
+        for token in shlex.split(cmd):
+            if token.startswith(("deploy/", "configs/")):
+                assert (ROOT / token).exists(), token
