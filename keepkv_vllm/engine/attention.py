@@ -12,6 +12,8 @@ loads it.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -66,6 +68,7 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
             layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
         )
         if state.voted_in_step:
+            start = time.perf_counter()
             paged = self._paged(layer, kv_cache)
             votes = state.votes_for(layer.layer_name, kv_cache)
             rows = output[:n].view(n, self.num_heads, self.head_size)
@@ -78,6 +81,7 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
                     req.seq_len,
                     self.scale,
                 ).to(rows.dtype)
+            state.vote_attention_seconds += time.perf_counter() - start
         return out
 
 

@@ -33,4 +33,6 @@ class KeepKVCPUWorker(CPUWorker):
 
     def kv_compression_worker_stats(self) -> dict[str, float]:
         """Cumulative compaction counters (collective_rpc target for the API server)."""
-        return self.model_runner.kvc_totals.as_dict()
+        stats = self.model_runner.kvc_totals.as_dict()
+        stats["vote_attention_seconds"] = self.model_runner._kvc.vote_attention_seconds
+        return stats

@@ -48,6 +48,7 @@ class WorkerCompressionState:
         self.ring_src: torch.Tensor | None = None  # token indices into this step's queries
         self.ring_dst: torch.Tensor | None = None  # flat ring positions row * W + pos % W
         self.voted_in_step: list[VotedRequest] = []
+        self.vote_attention_seconds = 0.0  # time spent recomputing vote-weighted rows (profiling)
 
     # -- per request ---------------------------------------------------------------
     def row(self, req_id: str) -> int | None:

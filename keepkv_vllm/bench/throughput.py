@@ -1,0 +1,248 @@
+"""keepkv-bench: stock vLLM vs KV compression at equal KV memory, over real HTTP.
+
+Starts the real OpenAI server (``vllm serve``) once stock and once per method, all with the
+same model and the same KV pool, and drives each with the same needle workload through the
+``openai`` client (streaming, so TTFT and TPOT are measured). Budgets are set per request
+(``vllm_xargs.kv_budget``), so one compressed server covers every budget. Reports, per run
+and as ratios to stock from the same invocation: output tokens/s, requests/s, TTFT and TPOT
+p50/p99, preemptions, peak running requests, blocks freed, needle score. Writes JSON, a
+markdown table and a PNG.
+
+    keepkv-bench --num-prompts 16 --prompt-tokens 1535 --output-tokens 128 --kv-blocks 38
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench.workload import RequestResult, run_concurrent
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+class PeakRunning:
+    """Polls GET /v1/kv_compression during a run for the peak number of running requests."""
+
+    def __init__(self, server: ServerProcess, every: float = 0.25) -> None:
+        self.server, self.every, self.peak = server, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.server.get_json("/v1/kv_compression")["requests"]["running"])
+            except OSError:
+                pass
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRunning:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(
+    server: ServerProcess, prompts: list, args: argparse.Namespace, label: str, xargs: dict | None
+) -> dict:
+    from tqdm import tqdm
+
+    before_metrics = server.metrics()
+    before = server.get_json("/v1/kv_compression")
+    bar = tqdm(total=len(prompts), desc=label, unit="req", leave=False)
+    start = time.perf_counter()
+    with PeakRunning(server) as peak:
+        results: list[RequestResult] = asyncio.run(
+            run_concurrent(
+                server.base_url,
+                prompts,
+                args.output_tokens,
+                args.concurrency,
+                xargs=xargs,
+                stream=True,
+                progress=bar,
+            )
+        )
+    wall = time.perf_counter() - start
+    bar.close()
+    after = server.get_json("/v1/kv_compression")
+    after_metrics = server.metrics()
+    tokens = sum(r.completion_tokens for r in results)
+    ttft = [r.ttft_s for r in results if r.ttft_s is not None]
+    tpot = [
+        (r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
+        for r in results
+        if r.ttft_s is not None and r.completion_tokens > 1
+    ]
+    counters = lambda s: s.get("counters", {})  # noqa: E731
+    worker = lambda s, k: s.get("worker", {}).get(k, 0.0)  # noqa: E731
+    return {
+        "label": label,
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / wall,
+        "req_s": len(results) / wall,
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_p99_s": _pct(ttft, 0.99),
+        "tpot_p50_s": _pct(tpot, 0.5),
+        "tpot_p99_s": _pct(tpot, 0.99),
+        "preemptions": after_metrics.get("vllm:num_preemptions_total", 0)
+        - before_metrics.get("vllm:num_preemptions_total", 0),
+        "peak_running": peak.peak,
+        "blocks_freed": counters(after).get("blocks_freed", 0) - counters(before).get("blocks_freed", 0),
+        "compressions": counters(after).get("compressions", 0) - counters(before).get("compressions", 0),
+        # where compressed runs spend extra time (worker-side, summed over the run)
+        "compaction_s": worker(after, "compaction_seconds") - worker(before, "compaction_seconds"),
+        "vote_attention_s": worker(after, "vote_attention_seconds")
+        - worker(before, "vote_attention_seconds"),
+        "needle_score": sum(r.passcode_found for r in results) / len(results),
+        "completed": sum(r.finish_reason in ("length", "stop") for r in results),
+    }
+
+
+def server_args(args: argparse.Namespace) -> list[str]:
+    pool = args.kv_blocks * args.block_size * args.kv_bytes_per_token
+    return [
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+        "--block-size",
+        str(args.block_size),
+        "--gpu-memory-utilization",
+        "0.3",
+        "--kv-cache-memory-bytes",
+        str(pool),
+        *(["--enforce-eager"] if args.enforce_eager else []),
+        *args.server_arg,
+    ]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+    from keepkv_vllm.eval.needle import NeedleFactory
+
+    model = args.model or str(model_dir())
+    factory = NeedleFactory(AutoTokenizer.from_pretrained(model))
+    prompts = [factory.make(args.prompt_tokens, args.depth, args.seed + i) for i in range(args.num_prompts)]
+    rows = []
+    with ServerProcess(server_args(args), model=model) as stock:
+        measure(stock, prompts[:2], args, "warm-up stock", None)
+        rows.append({"method": "stock", "budget": 1.0, **measure(stock, prompts, args, "stock", None)})
+    for method in args.methods:
+        settings = json.dumps({"budget": max(args.budgets), "trigger": args.trigger})
+        extra = ["--kv-compression", method, "--kv-compression-config", settings]
+        with ServerProcess(server_args(args) + extra, model=model) as server:
+            measure(server, prompts[:2], args, f"warm-up {method}", None)
+            for budget in args.budgets:
+                label = f"{method}@{budget:g}"
+                rows.append(
+                    {
+                        "method": method,
+                        "budget": budget,
+                        **measure(server, prompts, args, label, {"kv_budget": budget}),
+                    }
+                )
+    stock_row = rows[0]
+    for row in rows:
+        row["throughput_ratio"] = row["output_tok_s"] / stock_row["output_tok_s"]
+        row["needle_delta_points"] = 100 * (row["needle_score"] - stock_row["needle_score"])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| run | out tok/s | x stock | req/s | TTFT p50/p99 s | TPOT p50/p99 ms | preempt | peak running |"
+        " blocks freed | needle |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['output_tok_s']:.1f} | {r['throughput_ratio']:.2f} | {r['req_s']:.3f} | "
+            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | {1e3 * r['tpot_p50_s']:.0f} / "
+            f"{1e3 * r['tpot_p99_s']:.0f} | {r['preemptions']:.0f} | {r['peak_running']} | "
+            f"{r['blocks_freed']} | {100 * r['needle_score']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    stock = rows[0]
+    for method in sorted({r["method"] for r in rows[1:]}):
+        pts = sorted((r["budget"], r) for r in rows if r["method"] == method)
+        xs = [100 * x for x, _ in pts]
+        a.plot(xs, [r["throughput_ratio"] for _, r in pts], "o-", label=method)
+        b.plot(xs, [100 * r["needle_score"] for _, r in pts], "o-", label=method)
+    a.axhline(1.0, color="gray", ls="--", label="stock")
+    b.axhline(100 * stock["needle_score"], color="gray", ls="--", label="stock")
+    a.set(xlabel="budget (% of tokens kept)", ylabel="output tokens/s, x stock", title="throughput")
+    b.set(xlabel="budget (% of tokens kept)", ylabel="needle score (%)", title="quality", ylim=(0, 105))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="keepkv-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M)")
+    p.add_argument("--methods", nargs="+", default=["keepkv"])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    p.add_argument("--trigger", choices=["pressure", "always"], default="pressure")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=1535)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--depth", type=float, default=0.5, help="needle depth in the prompt (0..1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-blocks", type=int, default=38, help="KV pool size in blocks (same for every server)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--kv-bytes-per-token", type=int, default=SMOLLM2_KV_BYTES_PER_TOKEN)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: what the pool holds, <= 4096")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)"
+    )
+    p.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = p.parse_args(argv)
+    if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
+        args.max_model_len = min(4096, (args.kv_blocks - 1) * args.block_size)
+    rows = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
+    )
+    md = table(rows)
+    (args.out / "bench.md").write_text(md + "\n")
+    plot(rows, args.out / "bench.png")
+    print(md)
+    print(f"wrote {args.out}/bench.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
