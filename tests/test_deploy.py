@@ -123,6 +123,15 @@ def test_compose_has_cpu_and_gpu_profiles_with_healthchecks():
     assert any(v.startswith("hf-cache:") for v in services["keepkv-gpu"]["volumes"])
 
 
+def test_plain_compose_up_serves_the_cpu_image():
+    env = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert env["COMPOSE_PROFILES"] == "cpu"
+
+
 def test_compose_command_lines_parse_with_the_real_cli():
     services = _compose()["services"]
     cpu = services["keepkv-cpu"]["command"]
