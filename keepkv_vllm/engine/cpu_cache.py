@@ -81,6 +81,19 @@ class CPUPagedKV:
             out.append(region[blk.view(-1, 1, 1), heads, idx.unsqueeze(1)].transpose(0, 1))
         return out[0], out[1]
 
+    def flat_indices(self, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices into ``kv_cache.view(-1)`` of the keys and values of slots [0, seq_len): [n, H, d] each.
+
+        They depend only on the layout, not on the layer, so one set serves every layer of a step.
+        """
+        nb, h, bs, two_d = self.kv_cache.shape
+        d = two_d // 2
+        slots = torch.arange(seq_len)
+        blk = block_ids[slots // bs].view(-1, 1, 1)
+        within = ((slots % bs).view(-1, 1) * d + torch.arange(d)).unsqueeze(1)  # [n, 1, d]
+        base = blk * (h * bs * two_d) + torch.arange(h).view(1, -1, 1) * (bs * two_d)  # [n, H, 1]
+        return base + self.key_perm[within], base + bs * d + self.value_perm[within]
+
     def scatter(self, block_ids: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys/values [H, n, d] into slots [start, start + n) with vLLM's own op."""
         slots = torch.arange(start, start + keys.shape[1])

@@ -28,7 +28,7 @@ from keepkv_vllm.engine.compaction import (
 )
 from keepkv_vllm.engine.cpu_cache import CPUPagedKV
 from keepkv_vllm.engine.settings import config_from_vllm
-from keepkv_vllm.engine.worker_state import VotedRequest, WorkerCompressionState
+from keepkv_vllm.engine.worker_state import VotedDecodeBatch, VotedRequest, WorkerCompressionState
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -126,6 +126,7 @@ class CompressionRunnerMixin:
 
         offsets = np.array([state.kv_offset.get(r, 0) for r in req_ids], dtype=np.int64)
         state.voted_in_step = []
+        state.voted_decode = None
         if offsets.any():
             off = torch.from_numpy(offsets)
             self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
@@ -136,13 +137,44 @@ class CompressionRunnerMixin:
             self.input_batch.block_table.compute_slot_mapping(
                 num_reqs, self.query_start_loc.gpu[: num_reqs + 1], kv_positions
             )
+            decodes = []
             for i, req_id in enumerate(req_ids):
                 if req_id in state.voted:
                     block_ids = torch.tensor(self.requests[req_id].block_ids[0], dtype=torch.long)
-                    state.voted_in_step.append(
-                        VotedRequest(int(starts[i]), int(ends[i]), block_ids, int(seq_end[i] - offsets[i]))
+                    voted = VotedRequest(
+                        int(starts[i]), int(ends[i]), block_ids, int(seq_end[i] - offsets[i])
                     )
+                    (decodes if n_tok[i] == 1 else state.voted_in_step).append(voted)
+            state.voted_decode = self._kvc_decode_batch(decodes)
         return result
+
+    def _kvc_decode_batch(self, decodes: list[VotedRequest]) -> VotedDecodeBatch | None:
+        """One padded gather plan for every voted decode request, reused by all layers."""
+        layers = self._kvc_layers()
+        if not decodes:
+            return None
+        paged = layers[0][2]
+        if not paged.kv_cache.is_contiguous():  # flat indexing needs it; use the per-request path
+            self._kvc.voted_in_step.extend(decodes)
+            return None
+        longest = max(r.seq_len for r in decodes)
+        nb, h, bs, two_d = paged.kv_cache.shape
+        d = two_d // 2
+        keys = torch.zeros(len(decodes), longest, h, d, dtype=torch.long)
+        values = torch.zeros_like(keys)
+        votes = torch.zeros(len(decodes), longest, h, dtype=torch.long)
+        valid = torch.zeros(len(decodes), longest, dtype=torch.bool)
+        for i, r in enumerate(decodes):
+            k_idx, v_idx = paged.flat_indices(r.block_ids, r.seq_len)
+            keys[i, : r.seq_len], values[i, : r.seq_len] = k_idx, v_idx
+            slots = torch.arange(r.seq_len)
+            blk = r.block_ids[slots // bs].view(-1, 1)
+            votes[i, : r.seq_len] = (
+                blk * (h * bs) + torch.arange(h).view(1, -1) * bs + (slots % bs).view(-1, 1)
+            )
+            valid[i, : r.seq_len] = True
+        token_index = torch.tensor([r.token_start for r in decodes], dtype=torch.long)
+        return VotedDecodeBatch(token_index, keys, values, votes, valid)
 
 
 class KeepKVCPUModelRunner(CompressionRunnerMixin, CPUModelRunner):

@@ -26,6 +26,21 @@ class VotedRequest:
     seq_len: int  # slots visible after this step's tokens are written
 
 
+@dataclass
+class VotedDecodeBatch:
+    """This step's decoding requests with votes != 1, padded to one shape for all layers.
+
+    Built once per step by the runner; indices point into ``kv_cache.view(-1)`` and
+    ``votes.view(-1)``, which have the same layout in every layer.
+    """
+
+    token_index: torch.Tensor  # [R] rows of the step's query/output
+    key_index: torch.Tensor  # [R, L, H_kv, d]
+    value_index: torch.Tensor  # [R, L, H_kv, d]
+    vote_index: torch.Tensor  # [R, L, H_kv]
+    valid: torch.Tensor  # [R, L] bool: slot < the request's seq_len
+
+
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM CPU layout: [nb, H, bs, 2d] storage read as keys then values, each [nb, H, bs, d]."""
     nb, h, bs, _ = kv_cache.shape
@@ -48,6 +63,7 @@ class WorkerCompressionState:
         self.ring_src: torch.Tensor | None = None  # token indices into this step's queries
         self.ring_dst: torch.Tensor | None = None  # flat ring positions row * W + pos % W
         self.voted_in_step: list[VotedRequest] = []
+        self.voted_decode: VotedDecodeBatch | None = None
         self.vote_attention_seconds = 0.0  # time spent recomputing vote-weighted rows (profiling)
 
     # -- per request ---------------------------------------------------------------
