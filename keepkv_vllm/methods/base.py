@@ -66,10 +66,9 @@ class KVCompressionMethod(ABC):
         return False
 
     def __init__(self, sink: int = 4, recent: int | None = None, recent_fraction: float = 0.1) -> None:
-        if not isinstance(sink, int) or sink < 0:
-            raise ValueError(f"sink must be a non-negative int, got {sink!r}")
-        if recent is not None and (not isinstance(recent, int) or recent < 0):
-            raise ValueError(f"recent must be a non-negative int or None, got {recent!r}")
+        check_int("sink", sink)
+        if recent is not None:
+            check_int("recent", recent)
         if not (isinstance(recent_fraction, (int, float)) and 0.0 <= recent_fraction < 1.0):
             raise ValueError(f"recent_fraction must be in [0, 1), got {recent_fraction!r}")
         self.sink = sink
@@ -123,6 +122,14 @@ class KVCompressionMethod(ABC):
 
 
 # -- shared building blocks ------------------------------------------------------------
+
+
+def check_int(name: str, value: object, minimum: int = 0, odd: bool = False) -> int:
+    """An int option (bools refused) >= ``minimum``, optionally odd; else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (odd and value % 2 == 0):
+        kind = "a non-negative" if minimum == 0 else "a positive" if minimum == 1 else f"an >= {minimum}"
+        raise ValueError(f"{name} must be {kind}{' odd' if odd else ''} int, got {value!r}")
+    return value
 
 
 def log_window_mass(

@@ -21,6 +21,7 @@ from keepkv_vllm.methods.base import (
     CompressionResult,
     KVCompressionMethod,
     ProtectedSpan,
+    check_int,
     compute_dtype,
     evicted_mask,
     gather_slots,
@@ -38,9 +39,7 @@ class CaM(KVCompressionMethod):
 
     def __init__(self, merge_window: int = 16, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
-        if isinstance(merge_window, bool) or not isinstance(merge_window, int) or merge_window < 1:
-            raise ValueError(f"merge_window must be a positive int, got {merge_window!r}")
-        self.merge_window = merge_window
+        self.merge_window = check_int("merge_window", merge_window, minimum=1)
 
     def _compress(
         self,

@@ -34,6 +34,7 @@ from keepkv_vllm.methods.base import (
     CompressionResult,
     KVCompressionMethod,
     ProtectedSpan,
+    check_int,
     compute_dtype,
     evicted_mask,
     gather_slots,
@@ -93,14 +94,7 @@ class KeepKV(KVCompressionMethod):
         self.similarity_threshold = float(similarity_threshold)
         self.distance_weight = float(distance_weight)
         self.vote_rule = vote_rule
-        if (
-            isinstance(pool_kernel, bool)
-            or not isinstance(pool_kernel, int)
-            or pool_kernel < 1
-            or pool_kernel % 2 == 0
-        ):
-            raise ValueError(f"pool_kernel must be a positive odd int, got {pool_kernel!r}")
-        self.pool_kernel = pool_kernel
+        self.pool_kernel = check_int("pool_kernel", pool_kernel, minimum=1, odd=True)
 
     @property
     def writes_votes(self) -> bool:

@@ -15,6 +15,7 @@ from keepkv_vllm.methods.base import (
     CompressionResult,
     KVCompressionMethod,
     ProtectedSpan,
+    check_int,
     register,
     select_top,
     selection_result,
@@ -28,14 +29,7 @@ class SnapKV(KVCompressionMethod):
 
     def __init__(self, kernel_size: int = 7, **common: object) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
-        if (
-            isinstance(kernel_size, bool)
-            or not isinstance(kernel_size, int)
-            or kernel_size < 1
-            or kernel_size % 2 == 0
-        ):
-            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        self.kernel_size = kernel_size
+        self.kernel_size = check_int("kernel_size", kernel_size, minimum=1, odd=True)
 
     def _compress(
         self,
