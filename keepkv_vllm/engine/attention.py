@@ -1,11 +1,12 @@
 """Vote-weighted attention backend for vLLM's CPU path (Electoral Votes in the engine).
 
-It is vLLM's CPU backend plus three things, all no-ops while no request is compressed:
-- every fresh token written to the cache gets vote 1 (blocks are reused);
+It is vLLM's CPU backend plus three things:
+- with a method that writes votes, every fresh token written to the cache gets vote 1
+  (blocks that held merged slots are reused);
 - each request's newest W queries are kept in a ring (the observation window);
 - for requests whose slots carry votes != 1, attention is recomputed in torch as
   softmax(q.k * scale + log p) over the request's paged slots, replacing the stock
-  kernel's rows (which cannot add a per-slot bias).
+  kernel's rows (which cannot add a per-slot bias); nothing runs while no such request exists.
 Registered over CPU_ATTN by the keepkv worker only, so ``--kv-compression none`` never
 loads it.
 """
@@ -42,7 +43,8 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
     ) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         state = worker_state.current()
-        if state is not None and self.attn_type == AttentionType.DECODER:
+        # eviction-only methods never write a vote != 1, so their vote tensors stay all ones
+        if state is not None and state.method.writes_votes and self.attn_type == AttentionType.DECODER:
             state.mark_fresh(layer.layer_name, kv_cache, slot_mapping[: key.shape[0]])
 
     def forward(

@@ -9,7 +9,7 @@ that the scheduler has already returned to the pool (nobody writes them before t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +31,6 @@ class CompressionOrder:
     kv_len_after: int
     frozen_slots: int  # leading slots in blocks shared through the prefix cache: left verbatim
     num_computed_tokens: int  # real tokens in the cache (RoPE positions keep counting these)
-    budget: float | int | None = None  # the per-request budget, for the record
 
     @property
     def kv_offset(self) -> int:
@@ -50,7 +49,6 @@ class LayerCache:
 class CompactionStats:
     tokens_removed: int = 0  # slots removed per head, summed over layers and heads
     tokens_merged: int = 0  # of which folded into a survivor
-    per_layer_merged: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -92,4 +90,3 @@ def compact_layer(
     merged = int(result.num_merged.sum())
     stats.tokens_merged += merged
     stats.tokens_removed += int((result.num_merged + result.num_dropped).sum())
-    stats.per_layer_merged.append(merged)

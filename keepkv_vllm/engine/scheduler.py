@@ -252,6 +252,3 @@ class KeepKVScheduler(Scheduler):
         self._orders.pop(request.request_id, None)
         self._compressed_ids.discard(request.request_id)
         super()._free_request_blocks(request)
-
-    def num_free_blocks(self) -> int:
-        return self._pool.get_num_free_blocks()
