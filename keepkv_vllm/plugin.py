@@ -215,9 +215,11 @@ def _patch_request_validation() -> None:
 def _patch_engine_core() -> None:
     from vllm.v1.engine.core import EngineCore
 
-    from keepkv_vllm.server.stats import engine_core_stats
+    from keepkv_vllm.server.stats import engine_core_request_stats, engine_core_stats
 
-    EngineCore.kv_compression_stats = engine_core_stats  # a utility call: call_utility_async
+    # utility calls (call_utility_async from the API server, call_utility offline)
+    EngineCore.kv_compression_stats = engine_core_stats
+    EngineCore.kv_compression_request_stats = engine_core_request_stats
 
 
 def _patch_endpoints() -> None:

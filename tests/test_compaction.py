@@ -63,3 +63,18 @@ def test_blocks_outside_the_request_are_untouched():
     *_, keys_after = run(order, get_method("keepkv", sink=2, recent=4))
     others = [b for b in range(10) if b not in (7, 2, 5, 9)]
     assert torch.equal(keys_after[others], keys_before[others])
+
+
+def test_request_ledger_sums_per_request_and_forgets_the_oldest():
+    from keepkv_vllm.engine.compaction import RequestLedger
+
+    ledger = RequestLedger(capacity=2)
+    ledger.add("a", compressions=1, slots_removed=100)
+    ledger.add("a", compressions=1, slots_removed=20)
+    ledger.add("b", tokens_merged=7)
+    assert ledger.get(["a", "b", "never"]) == {
+        "a": {"compressions": 2, "slots_removed": 120},
+        "b": {"tokens_merged": 7},
+    }
+    ledger.add("c", compressions=1)
+    assert set(ledger.get()) == {"b", "c"}

@@ -43,8 +43,8 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
     ) -> None:
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         state = worker_state.current()
-        # eviction-only methods never write a vote != 1, so their vote tensors stay all ones
-        if state is not None and state.method.writes_votes and self.attn_type == AttentionType.DECODER:
+        # until a merging method has written a vote != 1, every vote is 1 already
+        if state is not None and state.votes_written and self.attn_type == AttentionType.DECODER:
             state.mark_fresh(layer.layer_name, kv_cache, slot_mapping[: key.shape[0]])
 
     def forward(

@@ -9,6 +9,7 @@ that the scheduler has already returned to the pool (nobody writes them before t
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class CompressionOrder:
     kv_len_after: int
     frozen_slots: int  # leading slots in blocks shared through the prefix cache: left verbatim
     num_computed_tokens: int  # real tokens in the cache (RoPE positions keep counting these)
+    method: str = ""  # registered method name; "" = the engine's configured method
 
     @property
     def kv_offset(self) -> int:
@@ -73,6 +75,34 @@ class WorkerTotals:
             "tokens_removed": self.tokens_removed,
             "compaction_seconds": self.compaction_seconds,
         }
+
+
+class RequestLedger:
+    """Per-request compression counters, kept for the newest ``capacity`` requests.
+
+    Both sides keep one: the scheduler counts compressions and slots removed per head, the
+    worker counts tokens merged and removed over all layers and heads. Finished requests stay
+    readable (an evaluation asks after the request is done); the oldest fall out first.
+    """
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._rows: OrderedDict[str, dict[str, int]] = OrderedDict()
+
+    def add(self, req_id: str, **counts: int) -> None:
+        row = self._rows.get(req_id)
+        if row is None:
+            row = self._rows[req_id] = {}
+            if len(self._rows) > self.capacity:
+                self._rows.popitem(last=False)
+        for key, n in counts.items():
+            row[key] = row.get(key, 0) + n
+
+    def get(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Rows for these request ids (all rows when None); ids never compressed are absent."""
+        if req_ids is None:
+            return {k: dict(v) for k, v in self._rows.items()}
+        return {k: dict(self._rows[k]) for k in req_ids if k in self._rows}
 
 
 def compact_layer(

@@ -23,6 +23,7 @@ from keepkv_vllm.engine.compaction import (
     CompactionStats,
     CompressionOrder,
     LayerCache,
+    RequestLedger,
     WorkerTotals,
     compact_layer,
 )
@@ -41,6 +42,7 @@ class CompressionRunnerMixin:
         self._kvc = WorkerCompressionState(config, max_requests=self.scheduler_config.max_num_seqs)
         self._kvc_layer_cache: list[tuple[str, torch.Tensor, CPUPagedKV]] = []
         self.kvc_totals = WorkerTotals()
+        self.kvc_requests = RequestLedger()
         worker_state.install(self._kvc)
 
     def _kvc_layers(self) -> list[tuple[str, torch.Tensor, CPUPagedKV]]:
@@ -55,6 +57,8 @@ class CompressionRunnerMixin:
 
     def _kvc_compact(self, order: CompressionOrder) -> CompactionStats:
         state = self._kvc
+        method = state.method_for(order.method)
+        state.votes_written |= method.writes_votes
         stats = CompactionStats()
         for name, kv_cache, paged in self._kvc_layers():
             layer = LayerCache(
@@ -62,7 +66,7 @@ class CompressionRunnerMixin:
                 state.votes_for(name, kv_cache),
                 state.window_queries(name, order.req_id, order.num_computed_tokens),
             )
-            compact_layer(layer, order, state.method, stats)
+            compact_layer(layer, order, method, stats)
         return stats
 
     def _update_states(self, scheduler_output: object) -> object:
@@ -80,6 +84,9 @@ class CompressionRunnerMixin:
             start = time.perf_counter()
             stats = self._kvc_compact(order)
             self.kvc_totals.add(stats, time.perf_counter() - start)
+            self.kvc_requests.add(
+                order.req_id, tokens_merged=stats.tokens_merged, tokens_removed=stats.tokens_removed
+            )
             logger.debug(
                 "compressed %s: %d -> %d slots per head (%d merged of %d removed, all layers and heads)",
                 order.req_id,
@@ -91,7 +98,7 @@ class CompressionRunnerMixin:
         result = super()._update_states(scheduler_output)
         for order in orders:
             state.kv_offset[order.req_id] = order.kv_offset
-            if state.method.writes_votes:
+            if state.method_for(order.method).writes_votes:
                 state.voted.add(order.req_id)
             req_state = self.requests.get(order.req_id)
             if req_state is None:

@@ -30,8 +30,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.request import Request, RequestStatus
 
-from keepkv_vllm.config import ConfigError, parse_request_options
-from keepkv_vllm.engine.compaction import ORDERS_ATTR, CompressionOrder
+from keepkv_vllm.config import ConfigError, RequestOptions, parse_request_options
+from keepkv_vllm.engine.compaction import ORDERS_ATTR, CompressionOrder, RequestLedger
 from keepkv_vllm.engine.settings import config_from_vllm
 
 logger = logging.getLogger("vllm.keepkv")
@@ -44,6 +44,7 @@ class CompressionCounters:
     compressions: int = 0
     tokens_removed: int = 0  # slots removed per head (merged or dropped), summed over requests
     blocks_freed: int = 0
+    blocks_allocated: int = 0  # new blocks handed to requests (by vLLM or after compressing)
     preemptions_avoided: int = 0  # running requests' allocations satisfied by compressing
     admissions_enabled: int = 0  # waiting requests admitted thanks to compression
     preemptions: int = 0  # preemptions vLLM still made (last resort)
@@ -76,6 +77,7 @@ class KeepKVScheduler(Scheduler):
         self._step_tokens: dict[str, int] = {}
         self._compressed_ids: set[str] = set()
         self.counters = CompressionCounters()
+        self.request_ledger = RequestLedger()  # per request: compressions, slots removed
         logger.info(
             "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d",
             self.kvc.method,
@@ -128,6 +130,7 @@ class KeepKVScheduler(Scheduler):
                         self.counters.admissions_enabled += 1
                     break
         if blocks is not None:
+            self.counters.blocks_allocated += sum(len(group) for group in blocks.blocks)
             lookahead = kwargs.get("num_lookahead_tokens", 0) or 0
             self._step_tokens[request.request_id] = num_new_tokens + int(lookahead)
         return blocks
@@ -150,14 +153,17 @@ class KeepKVScheduler(Scheduler):
         return self.kv_cache_manager.create_kv_cache_blocks(new)
 
     # -- choosing and compressing -------------------------------------------------------
-    def _target(self, request: Request) -> int | None:
-        """Slots this request keeps after compression, or None if it opted out."""
+    def _options(self, request: Request) -> RequestOptions:
         try:
-            options = parse_request_options(
+            return parse_request_options(
                 request.sampling_params.extra_args if request.sampling_params else None
             )
         except ConfigError:  # validated at the API boundary; never fail the engine here
-            return self.kvc.target_tokens(request.num_computed_tokens)
+            return RequestOptions()
+
+    def _target(self, request: Request) -> int | None:
+        """Slots this request keeps after compression, or None if it opted out."""
+        options = self._options(request)
         if not options.enabled:
             return None
         return self.kvc.target_tokens(request.num_computed_tokens, options.budget)
@@ -201,7 +207,9 @@ class KeepKVScheduler(Scheduler):
         offset = self.kv_offset.get(req_id, 0)
         kv_before = request.num_computed_tokens - offset
         keep = cdiv(target + self._step_tokens.get(req_id, 0), bs)
-        rewritten = {b.block_id for b in blocks[frozen_blocks : cdiv(target, bs)] if b.block_hash is not None}
+        # every kept block past the frozen prefix gets new contents (survivors or this step's
+        # tokens): none may stay findable by its old prefix-cache hash
+        rewritten = {b.block_id for b in blocks[frozen_blocks:keep] if b.block_hash is not None}
         if rewritten:
             self._pool.evict_blocks(rewritten)
         order = CompressionOrder(
@@ -212,6 +220,7 @@ class KeepKVScheduler(Scheduler):
             kv_len_after=target,
             frozen_slots=frozen,
             num_computed_tokens=request.num_computed_tokens,
+            method=self._options(request).method or "",
         )
         tail = blocks[keep:]
         del blocks[keep:]
@@ -224,6 +233,7 @@ class KeepKVScheduler(Scheduler):
         c.compressions += 1
         c.tokens_removed += kv_before - target
         c.blocks_freed += len(tail)
+        self.request_ledger.add(req_id, compressions=1, slots_removed=kv_before - target)
         if req_id not in self._compressed_ids:
             self._compressed_ids.add(req_id)
             c.requests_compressed += 1
@@ -231,7 +241,7 @@ class KeepKVScheduler(Scheduler):
         first = offset == 0  # INFO for a request's first compression, DEBUG after
         (logger.info if first else logger.debug)(
             "kv compression (%s): request %s %d -> %d slots, %d blocks freed, %d/%d blocks free",
-            self.kvc.method,
+            order.method or self.kvc.method,
             req_id,
             kv_before,
             target,

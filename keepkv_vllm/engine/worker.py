@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_worker import CPUWorker
@@ -33,6 +34,16 @@ class KeepKVCPUWorker(CPUWorker):
 
     def kv_compression_worker_stats(self) -> dict[str, float]:
         """Cumulative compaction counters (collective_rpc target for the API server)."""
+        state = self.model_runner._kvc
         stats = self.model_runner.kvc_totals.as_dict()
-        stats["vote_attention_seconds"] = self.model_runner._kvc.vote_attention_seconds
+        stats["vote_attention_seconds"] = state.vote_attention_seconds
+        # sanity of every stored vote (free blocks included): > 0 and finite, or the counts below
+        votes = list(state.votes.values())
+        stats["votes_nonpositive"] = sum(int((v <= 0).sum()) for v in votes)
+        stats["votes_nonfinite"] = sum(int((~torch.isfinite(v)).sum()) for v in votes)
+        stats["vote_layers"] = len(votes)
         return stats
+
+    def kv_compression_request_stats(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Per-request tokens merged/removed over all layers and heads (collective_rpc target)."""
+        return self.model_runner.kvc_requests.get(req_ids)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from keepkv_vllm.config import KVCompressionConfig
-from keepkv_vllm.methods import get_method
+from keepkv_vllm.methods import KVCompressionMethod, get_method
 
 
 @dataclass
@@ -51,6 +51,10 @@ class WorkerCompressionState:
     def __init__(self, config: KVCompressionConfig, max_requests: int) -> None:
         self.config = config
         self.method = get_method(config.method, **config.method_kwargs())
+        self._methods = {config.method: self.method}
+        # True once any order wrote votes != 1: from then on fresh tokens must reset theirs
+        # (a reused block may hold merged slots). Before that every vote is 1 already.
+        self.votes_written = False
         self.window = config.window
         self.max_requests = max_requests
         self.votes: dict[str, torch.Tensor] = {}
@@ -65,6 +69,15 @@ class WorkerCompressionState:
         self.voted_in_step: list[VotedRequest] = []
         self.voted_decode: VotedDecodeBatch | None = None
         self.vote_attention_seconds = 0.0  # time spent recomputing vote-weighted rows (profiling)
+
+    def method_for(self, name: str) -> KVCompressionMethod:
+        """The method an order names (per-request ``kv_method``), built once per worker."""
+        if not name:
+            return self.method
+        method = self._methods.get(name)
+        if method is None:
+            method = self._methods[name] = get_method(name, **self.config.method_kwargs(name))
+        return method
 
     # -- per request ---------------------------------------------------------------
     def row(self, req_id: str) -> int | None:

@@ -30,6 +30,7 @@ from keepkv_vllm.methods import METHODS, get_method
 VARIANTS: dict[str, tuple[str, dict]] = {name: (name, {}) for name in sorted(METHODS)}
 VARIANTS["keepkv-count"] = ("keepkv", {"vote_rule": "count"})
 VARIANTS["keepkv-nopool"] = ("keepkv", {"pool_kernel": 1})
+VARIANTS["keepkv-mass"] = ("keepkv", {"selection": "mass"})  # the authors' ranking
 
 
 def load_model(model_path: str | None = None) -> tuple[torch.nn.Module, object]:

@@ -2,9 +2,11 @@
 
 Per kv-head (docs/algorithms.md, "KeepKV"):
 1. keep the first ``sink`` and last ``recent`` slots;
-2. score every other slot by its vote-weighted window mass w_j = p_j * s_hat_j, where
-   s_hat_j is the distance-weighted mean of exp(q.k_j/sqrt(d)) over the window queries;
-   keep the top (B - sink - recent) — the *heavy* slots;
+2. rank every other slot by the attention probability the window queries give it
+   (vote-weighted softmax, distance-weighted mean over the window and the GQA group);
+   keep the top (B - sink - recent) — the *heavy* slots. ``selection="mass"`` ranks by
+   the authors' unnormalised mass w_j = p_j * s_hat_j instead, where s_hat_j is the
+   distance-weighted mean of exp(q.k_j/sqrt(d)) over the window queries;
 3. every evicted slot e goes to the heavy slot c whose key is most cosine-similar, if that
    similarity >= ``similarity_threshold``; otherwise it is dropped;
 4. ZIP merge of each group M = {c} + {e -> c}:
@@ -19,8 +21,12 @@ the recent window keeps describing the newest tokens; the selection score is vot
 (a slot of p votes stands for p tokens); and the selection score is max-pooled over
 ``pool_kernel`` neighbouring slots before the top-k (SnapKV's clustering). Without pooling
 a fact spread over several tokens (a number is one token per digit in SmolLM2) loses
-digits: the needle test went from 0/4 to 3/4 at a 30% budget with pooling. The merge
-weights always use the unpooled scores. ``pool_kernel=1`` restores the paper's selection.
+digits: the needle test went from 0/4 to 3/4 at a 30% budget with pooling. Ranking by
+probabilities rather than unnormalised mass lets every window query count equally (with
+mass, the query with the largest logits decides alone); on the engine needle test at 30%
+it kept a repeated digit that mass ranking dropped. The merge weights always use the
+unpooled mass, which the ZIP equations need. ``pool_kernel=1, selection="mass"`` restores
+the paper's selection.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from keepkv_vllm.methods.base import (
     evicted_mask,
     gather_slots,
     log_window_mass,
+    log_window_probability,
     register,
     select_top,
     selection_result,
@@ -82,6 +89,7 @@ class KeepKV(KVCompressionMethod):
         distance_weight: float = 1.2,
         vote_rule: Literal["exact", "count"] = "exact",
         pool_kernel: int = 7,
+        selection: Literal["probability", "mass"] = "probability",
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -95,6 +103,9 @@ class KeepKV(KVCompressionMethod):
         self.distance_weight = float(distance_weight)
         self.vote_rule = vote_rule
         self.pool_kernel = check_int("pool_kernel", pool_kernel, minimum=1, odd=True)
+        if selection not in ("probability", "mass"):
+            raise ValueError(f"selection must be 'probability' or 'mass', got {selection!r}")
+        self.selection = selection
 
     @property
     def writes_votes(self) -> bool:
@@ -113,11 +124,15 @@ class KeepKV(KVCompressionMethod):
         h, t, _ = keys.shape
         dt = compute_dtype(keys.dtype)
         log_s = log_window_mass(keys, queries, self.distance_weight)
-        log_w = log_s + votes.to(dt).log()  # log(p_j * s_hat_j)
-        priority = log_w
+        log_w = log_s + votes.to(dt).log()  # log(p_j * s_hat_j): the merge weights
+        if self.selection == "mass":  # the authors' ranking: unnormalised mass
+            priority = log_w
+        else:  # each window query's vote-weighted attention probabilities, weighted mean
+            priority = log_window_probability(keys, votes, queries, self.distance_weight)
         if self.pool_kernel > 1:  # keep a hit's neighbours too (multi-token facts), as SnapKV does
-            k = self.pool_kernel
-            priority = F.max_pool1d(log_w.unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1)
+            k, cut = self.pool_kernel, t - span.recent  # the protected recent slots stay out of it
+            pooled = F.max_pool1d(priority[:, :cut].unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1)
+            priority = torch.cat([pooled, priority[:, cut:]], dim=1)
         kept, heavy = select_top(priority, budget, span)
         if heavy.shape[1] == 0:
             return selection_result(keys, values, votes, kept)

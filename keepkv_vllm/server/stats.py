@@ -28,6 +28,30 @@ def engine_core_stats(engine_core: Any) -> dict[str, Any]:
     }
 
 
+def engine_core_request_stats(
+    engine_core: Any, req_ids: list[str] | None = None
+) -> dict[str, dict[str, int]]:
+    """Installed as ``EngineCore.kv_compression_request_stats``: per-request counters.
+
+    Keys are vLLM's internal request ids (the external id plus a ``-xxxxxxxx`` suffix).
+    Each row: ``compressions`` and ``slots_removed`` (per head, from the scheduler) and
+    ``tokens_merged`` / ``tokens_removed`` (all layers and heads, from the workers).
+    A request that was never compressed has no row.
+    """
+    ledger = getattr(engine_core.scheduler, "request_ledger", None)
+    if ledger is None:
+        return {}
+    rows = ledger.get(req_ids)
+    for worker_rows in engine_core.model_executor.collective_rpc(
+        "kv_compression_request_stats", args=(req_ids,)
+    ):
+        for req_id, counts in worker_rows.items():
+            row = rows.setdefault(req_id, {})
+            for key, n in counts.items():
+                row[key] = row.get(key, 0) + n
+    return rows
+
+
 async def fetch_stats(engine_client: Any) -> dict[str, Any]:
     """Scheduler counters (engine core) plus compaction counters (workers)."""
     stats = await engine_client.engine_core.call_utility_async("kv_compression_stats")

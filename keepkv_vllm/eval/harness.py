@@ -1,0 +1,443 @@
+"""keepkv-eval: quality of every method at every budget, through the real vLLM engine.
+
+The harness starts one offline vLLM engine (``vllm.LLM``, in a child process) with the
+plugin and ``trigger="always"`` (every decoding request is kept at its budget, so every item
+is compressed, not only under memory pressure), and sends each item once per method and
+budget, chosen per request (``kv_method``, ``kv_budget``: the OpenAI ``vllm_xargs``).
+``none`` is the same prompt with ``kv_compression: off``, the full-cache reference (a request
+that is never compressed produces stock vLLM's tokens; the end-to-end tests check that).
+
+Compression is verified from the engine's own per-request counters (scheduler: compressions
+and slots removed; workers: tokens merged and removed over all layers and heads). An item
+whose counters show no compression is reported as invalid and left out of the scores.
+
+    keepkv-eval                    # default grid, ~30 min on 2 cores
+    keepkv-eval --quick            # CI grid, a few minutes
+    keepkv-eval --methods keepkv h2o --budgets 0.2 --tasks needle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from keepkv_vllm.eval.tasks import DEFAULT_GRID, QUICK_GRID, TASKS, EvalItem, TaskBuilder
+
+METHODS = ("none", "keepkv", "kvmerger", "cam", "h2o", "snapkv", "streamingllm")
+DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.5)
+QUICK_BUDGETS = (0.2, 0.5)
+#: SmolLM2-135M: 30 layers x 3 kv-heads x 64 x (k, v) x fp32
+DEFAULT_KV_CACHE_GIB = 4.0
+
+
+# -- engine side (runs in a child process per method) -----------------------------------------
+
+
+def _request_counters(llm: Any) -> dict[str, dict[str, int]]:
+    """Per-request compression counters from the engine core, keyed by vLLM's internal id."""
+    client = llm.llm_engine.engine_core
+    if hasattr(client, "call_utility"):  # engine core in its own process (vLLM's default)
+        return client.call_utility("kv_compression_request_stats", None)
+    return client.engine_core.kv_compression_request_stats(None)  # in-process engine core
+
+
+def run_grid(spec: dict[str, Any], results_path: Path) -> None:
+    """Send every (item, method, budget) to one engine; append one JSON line per request.
+
+    The engine is configured with ``trigger="always"``; each request names its method and
+    budget (``kv_method``, ``kv_budget``); full-cache requests turn compression off.
+    """
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from keepkv_vllm.eval.forced import FORCED_TOKENS_KEY, ForcedTokensLogitsProcessor
+
+    config = {"method": "keepkv", "budget": spec["budgets"][0], **spec["config"], "trigger": "always"}
+    llm = LLM(
+        spec["model"],
+        dtype=spec["dtype"],
+        max_model_len=spec["max_model_len"],
+        enforce_eager=True,
+        enable_prefix_caching=False,  # variants of one prompt must not share (frozen) blocks
+        kv_cache_memory_bytes=int(spec["kv_cache_gib"] * 2**30),
+        max_num_seqs=spec["max_num_seqs"],
+        logits_processors=[ForcedTokensLogitsProcessor],
+        seed=0,
+        additional_config={"kv_compression": config},
+    )
+    engine = llm.llm_engine
+    items = [EvalItem(**i) for i in spec["items"]]
+    for index, item in enumerate(items):
+        for method in spec["methods"]:
+            for budget in [None] if method == "none" else spec["budgets"]:
+                extra: dict[str, Any] = (
+                    {"kv_compression": "off"}
+                    if method == "none"
+                    else {"kv_method": method, "kv_budget": budget}
+                )
+                if item.forced_ids:
+                    extra[FORCED_TOKENS_KEY] = list(item.forced_ids)
+                params = SamplingParams(
+                    temperature=0.0,
+                    max_tokens=item.max_tokens,
+                    ignore_eos=bool(item.forced_ids),
+                    logprobs=0 if item.forced_ids else None,
+                    extra_args=extra,
+                )
+                prompt = TokensPrompt(prompt_token_ids=list(item.prompt_ids))
+                engine.add_request(f"{index}|{method}|{budget}", prompt, params)
+    finished: list[dict[str, Any]] = []
+    with open(results_path, "a", encoding="utf-8") as out:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if not o.finished:
+                    continue
+                index, method, budget = o.request_id.split("|")
+                c = o.outputs[0]
+                row = {
+                    "method": method,
+                    "budget": None if budget == "None" else float(budget),
+                    "item": int(index),
+                    "text": c.text,
+                    "completion_tokens": len(c.token_ids),
+                    "request_id": o.request_id,
+                }
+                if c.logprobs is not None:
+                    row["logprobs"] = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+                    row["forced_ok"] = list(c.token_ids) == list(items[int(index)].forced_ids)
+                finished.append(row)
+                out.write(json.dumps({"progress": 1}) + "\n")
+                out.flush()
+        # vLLM appends "-<8 hex>" to the id a request was added with (its internal id)
+        counters = {k.rsplit("-", 1)[0]: v for k, v in _request_counters(llm).items()}
+        for row in finished:
+            row["counters"] = counters.get(row.pop("request_id"), {})
+            out.write(json.dumps({"result": row}) + "\n")
+        out.flush()
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+def score_rows(items: list[EvalItem], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Attach score (or NLL) and validity to each request's row."""
+    for row in rows:
+        item = items[row["item"]]
+        row["task"] = item.task
+        row["name"] = item.name
+        row["meta"] = item.meta
+        compressed = row["counters"].get("slots_removed", 0) > 0
+        row["valid"] = row["method"] == "none" or compressed
+        if item.task == "perplexity":
+            row["nll"] = -sum(row["logprobs"]) if row.get("forced_ok") else None
+            row["valid"] = row["valid"] and row.get("forced_ok", False)
+        else:
+            row["score"] = item.score(row["text"])
+    return rows
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (method, budget, task): mean score in % or perplexity, valid/total."""
+    groups: dict[tuple[str, float | None, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["budget"], row["task"]), []).append(row)
+    table = []
+    for (method, budget, task), group in sorted(
+        groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1] or 0.0, TASKS.index(kv[0][2]))
+    ):
+        valid = [r for r in group if r["valid"]]
+        line: dict[str, Any] = {
+            "method": method,
+            "budget": budget,
+            "task": task,
+            "valid": len(valid),
+            "total": len(group),
+        }
+        if valid and task == "perplexity":
+            tokens = sum(len(r["logprobs"]) for r in valid)
+            line["value"] = math.exp(sum(r["nll"] for r in valid) / tokens)
+        elif valid:
+            line["value"] = 100.0 * sum(r["score"] for r in valid) / len(valid)
+        else:
+            line["value"] = None  # nothing valid: not scored
+        merged = [r["counters"].get("tokens_merged", 0) for r in valid]
+        removed = [r["counters"].get("slots_removed", 0) for r in valid]
+        line["mean_slots_removed"] = sum(removed) / len(valid) if valid else 0
+        line["mean_tokens_merged"] = sum(merged) / len(valid) if valid else 0
+        table.append(line)
+    return table
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, task: str) -> str:
+    if value is None:
+        return "invalid"
+    return f"{value:.2f}" if task == "perplexity" else f"{value:.0f}"
+
+
+def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
+    """Rows: task x method; columns: full cache, then each budget. Best compressed cell bold."""
+    tasks = [t for t in TASKS if any(line["task"] == t for line in table)]
+    cell = {(line["method"], line["budget"], line["task"]): line for line in table}
+    head = "| task | method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"
+    out = [head, "|---|---|" + "---:|" * len(budgets)]
+    for task in tasks:
+        unit = "perplexity (lower is better)" if task == "perplexity" else "score % (higher is better)"
+        full = cell.get(("none", None, task))
+        if full is not None:
+            out.append(
+                f"| {task} | full cache | " + " | ".join([_fmt(full["value"], task)] * len(budgets)) + " |"
+            )
+        best: dict[float, float] = {}
+        for b in budgets:
+            vals = [ln["value"] for (m, bb, t), ln in cell.items() if t == task and bb == b and m != "none"]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                best[b] = min(vals) if task == "perplexity" else max(vals)
+        for method in METHODS[1:]:
+            cells = []
+            for b in budgets:
+                line = cell.get((method, b, task))
+                if line is None:
+                    continue
+                text = _fmt(line["value"], task)
+                if line["value"] is not None and line["value"] == best.get(b):
+                    text = f"**{text}**"
+                if line["valid"] < line["total"]:
+                    text += f" ({line['valid']}/{line['total']} valid)"
+                cells.append(text)
+            if cells:
+                out.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
+        out.append(f"| | *{unit}* |" + " |" * len(budgets))
+    return "\n".join(out) + "\n"
+
+
+def plots(
+    rows: list[dict[str, Any]], table: list[dict[str, Any]], budgets: list[float], out_dir: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = [t for t in TASKS if any(line["task"] == t for line in table)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=False):
+        for method in METHODS[1:]:
+            pts = [
+                (ln["budget"], ln["value"]) for ln in table if ln["method"] == method and ln["task"] == task
+            ]
+            pts = [(b, v) for b, v in pts if v is not None]
+            if pts:
+                ax.plot(*zip(*sorted(pts), strict=False), marker="o", label=method)
+        full = [ln["value"] for ln in table if ln["method"] == "none" and ln["task"] == task]
+        if full and full[0] is not None:
+            ax.axhline(full[0], color="black", linestyle="--", label="full cache")
+        ax.set_title(task)
+        ax.set_xlabel("KV budget (fraction of tokens)")
+        ax.set_ylabel("perplexity" if task == "perplexity" else "score %")
+        ax.set_xticks(budgets)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "score_vs_budget.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    needle = [r for r in rows if r["task"] == "needle"]
+    if needle:
+        lengths = sorted({r["meta"]["length"] for r in needle})
+        depths = sorted({r["meta"]["depth"] for r in needle})
+        configs = [("none", None)] + [(m, b) for m in METHODS[1:] for b in budgets]
+        configs = [c for c in configs if any((r["method"], r["budget"]) == c for r in needle)]
+        cols = len(budgets)
+        methods = [m for m in METHODS if any(r["method"] == m for r in needle)]
+        fig, axes = plt.subplots(len(methods), cols, figsize=(2.6 * cols, 2.1 * len(methods)), squeeze=False)
+        for i, method in enumerate(methods):
+            for j in range(cols):
+                ax = axes[i][j]
+                budget = None if method == "none" else budgets[j]
+                if method == "none" and j > 0:
+                    ax.axis("off")
+                    continue
+                grid = [[math.nan] * len(lengths) for _ in depths]
+                for r in needle:
+                    if r["method"] == method and r["budget"] == budget and r["valid"]:
+                        grid[depths.index(r["meta"]["depth"])][lengths.index(r["meta"]["length"])] = r[
+                            "score"
+                        ]
+                ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+                ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+                ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+                ax.set_title("full cache" if method == "none" else f"{method} {budget:.0%}", fontsize=8)
+        fig.supxlabel("context length (tokens)")
+        fig.supylabel("needle depth")
+        fig.tight_layout()
+        path = out_dir / "needle_heatmap.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+
+def _run_child(spec: dict[str, Any], work: Path, bar: Any) -> list[dict[str, Any]]:
+    """The engine runs in a child process (its own log; a clean exit frees everything)."""
+    spec_path, results_path, log_path = (work / f"engine.{ext}" for ext in ("spec.json", "jsonl", "log"))
+    spec_path.write_text(json.dumps(spec))
+    results_path.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with open(log_path, "w", encoding="utf-8") as log:
+        # own process group: vLLM's engine processes go down with it, also on Ctrl-C here
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keepkv_vllm.eval.harness", "--_child", str(spec_path), str(results_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            seen = 0
+            while True:
+                done = proc.poll() is not None
+                with open(results_path, encoding="utf-8") as f:
+                    progress = sum(1 for line in f if line.startswith('{"progress"'))
+                bar.update(progress - seen)
+                seen = progress
+                if done:
+                    break
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"the engine failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    with open(results_path, encoding="utf-8") as f:
+        return [json.loads(line)["result"] for line in f if line.startswith('{"result"')]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keepkv-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--budgets", nargs="+", type=float, help=f"default {DEFAULT_BUDGETS} ({QUICK_BUDGETS} with --quick)"
+    )
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--quick", action="store_true", help="small grid for CI (a few minutes)")
+    p.add_argument("--lengths", nargs="+", type=int, help="context lengths of the needle and RULER tasks")
+    p.add_argument("--depths", nargs="+", type=float, help="needle depths (0..1)")
+    p.add_argument("--seeds", type=int, help="items per length for the RULER and perplexity tasks")
+    p.add_argument("--out", type=Path, default=Path("results/eval"))
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="engine dtype; bf16 runs ~2-3x faster than fp32 on CPUs with AMX/AVX512-BF16, and every "
+        "method (and the full cache) is scored under the same dtype",
+    )
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--kv-cache-gib", type=float, default=DEFAULT_KV_CACHE_GIB)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument(
+        "--kv-compression-config",
+        default="{}",
+        help="JSON of extra plugin settings for every compressed engine (e.g. window, sink)",
+    )
+    p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args._child:
+        spec_path, results_path = args._child
+        run_grid(json.loads(Path(spec_path).read_text()), Path(results_path))
+        return
+    evaluate(args, argv)
+
+
+def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the grid; write eval.json, eval.md and the plots under ``args.out``."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+    from keepkv_vllm.config import KVCompressionConfig, check_budget
+
+    if args.budgets is None:
+        args.budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    for b in args.budgets:
+        check_budget(b)
+    extra_config = json.loads(args.kv_compression_config)
+    KVCompressionConfig(method="keepkv", **{"budget": 0.3, **extra_config})  # fail fast on bad keys
+    model = args.model or str(model_dir())
+    grid = QUICK_GRID if args.quick else DEFAULT_GRID
+    if args.lengths:
+        grid = replace(grid, needle_lengths=tuple(args.lengths), ruler_lengths=tuple(args.lengths))
+    if args.depths:
+        grid = replace(grid, needle_depths=tuple(args.depths))
+    if args.seeds:
+        grid = replace(grid, ruler_seeds=args.seeds, ppl_seeds=args.seeds)
+    items = grid.build(TaskBuilder(AutoTokenizer.from_pretrained(model)), tuple(args.tasks))
+    longest = max(len(i.prompt_ids) + i.max_tokens for i in items)
+    if longest > args.max_model_len:
+        raise SystemExit(
+            f"keepkv-eval: an item needs {longest} tokens > --max-model-len {args.max_model_len}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    total = len(items) * sum(1 if m == "none" else len(args.budgets) for m in args.methods)
+    spec = {
+        "methods": args.methods,
+        "budgets": args.budgets,
+        "model": model,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "kv_cache_gib": args.kv_cache_gib,
+        "max_num_seqs": args.max_num_seqs,
+        "config": extra_config,
+        "items": [asdict(i) for i in items],
+    }
+    start = time.perf_counter()
+    with tqdm(total=total, desc="keepkv-eval", unit="req") as bar:
+        rows = _run_child(spec, args.out, bar)
+    rows = score_rows(items, rows)
+    table = aggregate(rows)
+    result = {
+        "command": "keepkv-eval " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": model,
+        "grid": asdict(grid),
+        "budgets": args.budgets,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "table": table,
+        "requests": [{k: v for k, v in r.items() if k != "logprobs"} for r in rows],
+    }
+    (args.out / "eval.json").write_text(json.dumps(result, indent=1))
+    md = markdown(table, args.budgets)
+    (args.out / "eval.md").write_text(f"`{result['command']}` ({result['wall_s']} s)\n\n{md}")
+    written = plots(rows, table, args.budgets, args.out)
+    print(md)
+    print(f"wrote {args.out / 'eval.json'}, {args.out / 'eval.md'}, " + ", ".join(map(str, written)))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Reliability under load and bad input: a bounded soak against the real server.
+
+One ``vllm serve --kv-compression keepkv`` on loopback with a KV pool so small that
+compression runs all the time. 520 requests with random prompt and output lengths, half
+streamed, ~10 % of the streaming clients hanging up mid-stream, bad requests mixed in.
+Nothing may be lost (every kept request gets exactly its tokens), nothing leaked (the pool
+returns to all-free), no 5xx, and the engine's own counters must add up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
+
+pytestmark = pytest.mark.slow
+
+NUM_REQUESTS = 520
+CONCURRENCY = 24
+POOL_BLOCKS = 20  # 2,560 slots: a handful of requests fill it, so compression never rests
+KV_BYTES_PER_TOKEN_BF16 = 23_040  # SmolLM2-135M: 30 layers x 3 kv-heads x 64 x (K, V) x 2 bytes
+LAYERS_X_KV_HEADS = 30 * 3
+PROMPT_RANGE = (32, 900)
+OUTPUT_RANGE = (1, 80)
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+ARGS = [
+    "--dtype",
+    "bfloat16",  # the soak is long: bf16 runs ~3x faster on this CPU, and covers that cache layout
+    "--max-model-len",
+    "1024",
+    "--enforce-eager",
+    "--max-num-batched-tokens",
+    "512",
+    "--max-num-seqs",
+    "32",
+    "--kv-cache-memory-bytes",
+    str(POOL_BLOCKS * 128 * KV_BYTES_PER_TOKEN_BF16),
+    "--kv-compression",
+    "keepkv",
+    "--kv-compression-config",
+    '{"budget": 0.3}',
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(ARGS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def haystack():
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+    from keepkv_vllm.eval.texts import paul_graham_essays
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    return tok(paul_graham_essays(), add_special_tokens=False).input_ids
+
+
+def _plan(haystack: list[int], seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    plan = []
+    for i in range(NUM_REQUESTS):
+        n = rng.randint(*PROMPT_RANGE)
+        start = rng.randrange(len(haystack) - n)
+        stream = rng.random() < 0.5
+        plan.append(
+            {
+                "id": i,
+                "prompt": haystack[start : start + n],
+                "max_tokens": rng.randint(*OUTPUT_RANGE),
+                "stream": stream,
+                # ~10 % of all clients: a streaming client that hangs up after a few chunks
+                "hang_up_after": rng.randint(1, 5) if stream and rng.random() < 0.2 else None,
+                "xargs": rng.choice(
+                    [None, None, {"kv_budget": 0.2}, {"kv_budget": 96}, {"kv_compression": "off"}]
+                ),
+                "bad": rng.random() < 0.04,  # a bad option: must be a 400, nothing else
+            }
+        )
+    return plan
+
+
+BAD_XARGS = [
+    {"kv_budget": 0},
+    {"kv_budget": -3},
+    {"kv_budget": float("inf")},
+    {"kv_budget": "x" * 100_000},
+    {"kv_method": "magic"},
+    {"kv_compression": "sometimes"},
+]
+
+
+async def _one(client: openai.AsyncOpenAI, spec: dict, rng: random.Random) -> dict:
+    extra = {"ignore_eos": True}
+    xargs = rng.choice(BAD_XARGS) if spec["bad"] else spec["xargs"]
+    if xargs:
+        extra["vllm_xargs"] = xargs
+    kwargs = dict(model=SERVED_NAME, prompt=spec["prompt"], max_tokens=spec["max_tokens"], temperature=0)
+    try:
+        if not spec["stream"]:
+            r = await client.completions.create(**kwargs, extra_body=extra)
+            return {"status": 200, "tokens": r.usage.completion_tokens, "finish": r.choices[0].finish_reason}
+        events = await client.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}, extra_body=extra
+        )
+        chunks, tokens, finish = 0, None, None
+        async for event in events:
+            if event.choices:
+                chunks += 1
+                finish = event.choices[0].finish_reason or finish
+            if event.usage is not None:
+                tokens = event.usage.completion_tokens
+            if spec["hang_up_after"] is not None and chunks >= spec["hang_up_after"]:
+                await events.close()  # the client disconnects mid-stream
+                return {"status": "cancelled"}
+        return {"status": 200, "tokens": tokens, "finish": finish}
+    except openai.APIStatusError as e:
+        return {"status": e.status_code, "message": str(e)[:300]}
+
+
+async def _soak(base_url: str, plan: list[dict]) -> list[dict]:
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=1800)
+    gate = asyncio.Semaphore(CONCURRENCY)
+    rng = random.Random(1)
+
+    async def run(spec: dict) -> dict:
+        async with gate:
+            return await _one(client, spec, rng)
+
+    try:
+        return await asyncio.gather(*(run(s) for s in plan))
+    finally:
+        await client.close()
+
+
+def _settled(server: ServerProcess, timeout: float = 60.0) -> dict:
+    """Stats once nothing runs any more (aborts of hung-up streams land asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = server.get_json("/v1/kv_compression")
+        idle = stats["requests"]["running"] == 0 and stats["requests"]["waiting"] == 0
+        if idle and stats["kv_cache"]["free_blocks"] == stats["kv_cache"]["total_blocks"]:
+            return stats
+        if time.monotonic() > deadline:
+            return stats
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def soak(server, haystack):
+    plan = _plan(haystack)
+    before = _settled(server)
+    start = time.perf_counter()
+    results = asyncio.run(_soak(server.base_url, plan))
+    wall = time.perf_counter() - start
+    after = _settled(server)
+    summary = {
+        "requests": len(plan),
+        "completed": sum(r["status"] == 200 for r in results),
+        "cancelled": sum(r["status"] == "cancelled" for r in results),
+        "rejected_400": sum(r["status"] == 400 for r in results),
+        "errors_5xx": sum(isinstance(r["status"], int) and r["status"] >= 500 for r in results),
+        "wall_s": round(wall, 1),
+        "before": before,
+        "after": after,
+        "metrics": server.metrics(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = {k: v for k, v in summary.items() if k != "metrics"}
+    (RESULTS / "reliability_soak.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("before", "after")}), after["counters"])
+    return plan, results, summary
+
+
+def test_no_server_errors_and_bad_options_are_400(soak):
+    plan, results, summary = soak
+    assert summary["errors_5xx"] == 0
+    for spec, r in zip(plan, results, strict=True):
+        if spec["bad"]:
+            assert r["status"] == 400, r
+            assert "vllm_xargs" in r["message"] and len(r["message"]) < 400
+        else:
+            assert r["status"] in (200, "cancelled"), r
+
+
+def test_every_kept_request_gets_exactly_its_tokens(soak):
+    plan, results, _ = soak
+    done = [(s, r) for s, r in zip(plan, results, strict=True) if r["status"] == 200]
+    assert len(done) >= 0.8 * len(plan)
+    for spec, r in done:
+        assert r["tokens"] == spec["max_tokens"] and r["finish"] == "length", (spec["id"], r)
+
+
+def test_nothing_leaks(soak):
+    _, _, summary = soak
+    kv, requests = summary["after"]["kv_cache"], summary["after"]["requests"]
+    assert kv["free_blocks"] == kv["total_blocks"] == POOL_BLOCKS - 1
+    assert requests == {"running": 0, "waiting": 0, "compressed_running": 0}
+    assert summary["cancelled"] >= 0.05 * NUM_REQUESTS
+
+
+def test_compression_ran_constantly_and_the_counters_add_up(soak):
+    _, _, summary = soak
+    c, w = summary["after"]["counters"], summary["after"]["worker"]
+    assert c["compressions"] >= 100 and c["blocks_freed"] > 0
+    assert c["blocks_freed"] <= c["blocks_allocated"]
+    # the worker removed exactly what the scheduler ordered, in every layer and kv-head
+    assert w["tokens_removed"] == c["tokens_removed"] * LAYERS_X_KV_HEADS
+    assert w["orders"] == c["compressions"]
+    assert 0 < w["tokens_merged"] <= w["tokens_removed"]
+    assert w["vote_layers"] == 30 and w["votes_nonpositive"] == 0 and w["votes_nonfinite"] == 0
+    metrics = summary["metrics"]
+    assert metrics.get("keepkv_compressions_total", 0) <= c["compressions"]
+
+
+def test_server_still_serves_after_the_soak(server):
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(
+        model=SERVED_NAME, prompt="The best way to start a startup is", max_tokens=8
+    )
+    assert r.usage.completion_tokens == 8

@@ -1,0 +1,121 @@
+"""Quality-harness tasks: exact prompt lengths, planted answers, scoring (no engine)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from keepkv_vllm.eval.harness import aggregate, markdown, score_rows
+from keepkv_vllm.eval.tasks import DEFAULT_GRID, QUICK_GRID, TASKS, EvalItem, TaskBuilder
+
+
+@pytest.fixture(scope="module")
+def builder():
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+
+    return TaskBuilder(AutoTokenizer.from_pretrained(str(model_dir())))
+
+
+@pytest.mark.parametrize("length", [700, 1024, 2048])
+def test_needle_style_prompts_have_the_exact_length_and_contain_the_answer(builder, length):
+    tok = builder.tokenizer
+    for item in (builder.needle(length, 0.4, 1), builder.multikey(length, 3), builder.vartrack(length, 2)):
+        assert len(item.prompt_ids) == length, item.name
+        text = tok.decode(item.prompt_ids)
+        assert all(a in text for a in item.answers), item.name
+
+
+def test_multikey_asks_for_one_of_several_planted_keys(builder):
+    item = builder.multikey(2048, 0, num_keys=4)
+    text = builder.tokenizer.decode(item.prompt_ids)
+    assert text.count("One of the special magic numbers for") == 4
+    assert text.count(item.answers[0]) == 1
+
+
+def test_vartrack_chain_is_planted_in_order(builder):
+    item = builder.vartrack(2048, 5, hops=4)
+    text = builder.tokenizer.decode(item.prompt_ids)
+    names = item.answers
+    assert len(names) == 5
+    positions = [text.index(f"VAR {n} =") for n in names]
+    assert positions == sorted(positions)
+    for a, b in zip(names, names[1:], strict=False):
+        assert f"VAR {b} = VAR {a}." in text
+
+
+def test_cwe_common_words_are_the_most_frequent(builder):
+    item = builder.cwe(1024, 0)
+    assert len(item.prompt_ids) <= 1024
+    text = builder.tokenizer.decode(item.prompt_ids)
+    words = [line.split(". ", 1)[1] for line in text.splitlines() if line[:1].isdigit() and ". " in line]
+    counts = collections.Counter(words)
+    assert {w for w, _ in counts.most_common(10)} == set(item.answers)
+    assert min(counts[w] for w in item.answers) > max(c for w, c in counts.items() if w not in item.answers)
+
+
+def test_perplexity_continuation_follows_the_context(builder):
+    item = builder.perplexity(512, 32, 0)
+    assert len(item.prompt_ids) == 512 and len(item.forced_ids) == 32 and item.max_tokens == 32
+    bible = builder._bible_ids()
+    start = next(i for i in range(len(bible)) if bible[i : i + 512] == item.prompt_ids)
+    assert tuple(bible[start + 512 : start + 544]) == item.forced_ids
+
+
+def test_items_are_deterministic_and_grids_build(builder):
+    assert builder.multikey(1024, 7).prompt_ids == builder.multikey(1024, 7).prompt_ids
+    quick = QUICK_GRID.build(builder, TASKS)
+    assert {i.task for i in quick} == set(TASKS)
+    assert len({i.name for i in quick}) == len(quick)
+    assert len(DEFAULT_GRID.build(builder, ("needle",))) == len(DEFAULT_GRID.needle_lengths) * len(
+        DEFAULT_GRID.needle_depths
+    )
+    with pytest.raises(ValueError, match="unknown task"):
+        QUICK_GRID.build(builder, ("ruler",))
+
+
+def test_scoring_matches_whole_answers_only():
+    item = EvalItem("vartrack", "v", [1], 8, answers=("ABCDE", "FGHIJ"))
+    assert item.score("VAR ABCDE and FGHIJ") == 1.0
+    assert item.score("ABCDEF, FGHIJ") == 0.5
+    assert EvalItem("needle", "n", [1], 8, answers=("4512",)).score("It is 45123.") == 0.0
+
+
+def test_rows_without_compression_are_invalid_and_not_scored():
+    items = [
+        EvalItem("needle", "n", [1], 8, answers=("42",)),
+        EvalItem("perplexity", "p", [1], 2, forced_ids=(5, 6)),
+    ]
+    rows = [
+        {"method": "none", "budget": None, "item": 0, "text": "42", "counters": {}},
+        {"method": "h2o", "budget": 0.2, "item": 0, "text": "42", "counters": {}},  # never compressed
+        {"method": "keepkv", "budget": 0.2, "item": 0, "text": "41", "counters": {"slots_removed": 9}},
+        {
+            "method": "none",
+            "budget": None,
+            "item": 1,
+            "text": "",
+            "counters": {},
+            "logprobs": [-1.0, -3.0],
+            "forced_ok": True,
+        },
+        {
+            "method": "keepkv",
+            "budget": 0.2,
+            "item": 1,
+            "text": "",
+            "counters": {"slots_removed": 9, "tokens_merged": 4},
+            "logprobs": [-2.0, -2.0],
+            "forced_ok": True,
+        },
+    ]
+    table = {(ln["method"], ln["task"]): ln for ln in aggregate(score_rows(items, rows))}
+    assert table[("none", "needle")]["value"] == 100.0
+    assert table[("h2o", "needle")]["value"] is None and table[("h2o", "needle")]["valid"] == 0
+    assert table[("keepkv", "needle")]["value"] == 0.0
+    assert table[("none", "perplexity")]["value"] == pytest.approx(2.718281828**2)
+    assert table[("keepkv", "perplexity")]["mean_tokens_merged"] == 4
+    md = markdown(aggregate(score_rows(items, rows)), [0.2])
+    assert "| needle | h2o | invalid (0/1 valid) |" in md
