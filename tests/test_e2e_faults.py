@@ -82,7 +82,8 @@ def _run(llm, requests, on_step=None) -> dict[str, list[int]]:
 
 
 def _ledger(llm) -> dict[str, dict[str, int]]:
-    return _core(llm).scheduler.request_ledger.get()
+    """Per-request counters of scheduler and worker (the engine-core utility the eval uses)."""
+    return _core(llm).kv_compression_request_stats(None)
 
 
 OFF = {"kv_compression": "off"}
@@ -139,9 +140,12 @@ def test_a_request_that_finishes_in_the_step_it_is_compressed(llm, prompts):
 
 
 def test_compressing_requests_that_share_prefix_cached_blocks(llm, prompts):
-    shared = prompts[2][:1024]  # eight full blocks, cached after the first request's prefill
-    a = shared + prompts[3][:100]
-    b = shared + prompts[1][:150]
+    # two full shared blocks (frozen while both run), then each request's own long tail,
+    # which is compressed; a's tail blocks come from the prefix cache too (its earlier run)
+    # (a 30 % budget must leave >= min_budget_tokens past the frozen prefix: 1,100 tokens)
+    a = prompts[2]
+    shared = a[:256]
+    b = shared + prompts[1][:850]
     ref = _run(llm, [("ref-b", b, 32, OFF)])
     _run(llm, [("first-a", a, 8, OFF)])  # fills the prefix cache with the shared blocks
     result = _run(llm, [("cached-a", a, 40, None), ("cached-b", b, 40, None)])

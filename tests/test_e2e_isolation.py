@@ -19,7 +19,19 @@ from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--dtype", "float32", "--max-model-len", "2048", "--enforce-eager", "--max-num-batched-tokens", "512"]
+COMMON = [
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "2048",
+    "--enforce-eager",
+    "--max-num-batched-tokens",
+    "512",
+    "--gpu-memory-utilization",
+    "0.3",  # on the CPU: the share of host memory vLLM may take
+    "--kv-cache-memory-bytes",
+    str(2**30),  # roomy: nobody is short of blocks, so stock never preempts
+]
 ALWAYS = ["--kv-compression", "keepkv", "--kv-compression-config", '{"budget": 0.2, "trigger": "always"}']
 MIX = [
     {"kv_compression": "off"},
@@ -61,7 +73,9 @@ def prompts():
 
 
 async def _send(server: ServerProcess, prompts: list[list[int]]) -> list[list[str]]:
-    client = openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=900)
+    client = openai.AsyncOpenAI(
+        base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=900
+    )
 
     async def one(ids: list[int], xargs: dict) -> list[str]:
         r = await client.completions.create(
