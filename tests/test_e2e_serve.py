@@ -192,6 +192,7 @@ def test_unpressured_request_matches_stock_token_for_token(servers, runs):
         ({"kv_budget": 1.5}, "kv_budget"),
         ({"kv_budget": "lots"}, "kv_budget"),
         ({"kv_compression": "maybe"}, "kv_compression"),
+        ({"kv_method": "magic"}, "kv_method"),
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -208,6 +209,11 @@ def test_bad_per_request_options_are_http_400(servers, xargs, key, stream):
 
 
 def test_good_per_request_options_are_accepted(servers):
-    for xargs in ({"kv_budget": 0.25}, {"kv_budget": 512}, {"kv_compression": "off"}):
+    for xargs in (
+        {"kv_budget": 0.25},
+        {"kv_budget": 512},
+        {"kv_compression": "off"},
+        {"kv_method": "snapkv"},
+    ):
         r = _complete(servers["keepkv"], prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs})
         assert r.usage.completion_tokens == 4
