@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Triton kernels run in Triton's interpreter on machines without a GPU. The switch must be
@@ -36,3 +37,17 @@ def make_inputs(
         v.to(torch.float32 if dtype != torch.float64 else dtype),
         queries.to(dtype),
     )
+
+
+@pytest.fixture(scope="session")
+def needle_factory():
+    """Needle prompts over the Paul Graham essays, tokenised once per session.
+
+    ``needle_factory.haystack_ids`` is the whole essay text as token ids (plain prompts).
+    """
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+    from keepkv_vllm.eval.needle import NeedleFactory
+
+    return NeedleFactory(AutoTokenizer.from_pretrained(str(model_dir())))

@@ -41,14 +41,8 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    from transformers import AutoTokenizer
-
-    from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.eval.needle import NeedleFactory
-
-    factory = NeedleFactory(AutoTokenizer.from_pretrained(str(model_dir())))
-    return [factory.make(n, 0.5, seed).token_ids for seed, n in enumerate((700, 900, 1100, 800))]
+def prompts(needle_factory):
+    return [needle_factory.make(n, 0.5, seed).token_ids for seed, n in enumerate((700, 900, 1100, 800))]
 
 
 def _core(llm):

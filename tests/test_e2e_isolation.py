@@ -62,14 +62,8 @@ def servers():
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    from transformers import AutoTokenizer
-
-    from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.eval.needle import NeedleFactory
-
-    factory = NeedleFactory(AutoTokenizer.from_pretrained(str(model_dir())))
-    return [factory.make(600 + 97 * i, 0.4, 100 + i).token_ids for i in range(len(MIX))]
+def prompts(needle_factory):
+    return [needle_factory.make(600 + 97 * i, 0.4, 100 + i).token_ids for i in range(len(MIX))]
 
 
 async def _send(server: ServerProcess, prompts: list[list[int]]) -> list[list[str]]:

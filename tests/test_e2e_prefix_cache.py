@@ -42,14 +42,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def token_prompts():
-    from transformers import AutoTokenizer
-
-    from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.eval.texts import paul_graham_essays
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir()))
-    ids = tok(paul_graham_essays(), add_special_tokens=False).input_ids
+def token_prompts(needle_factory):
+    ids = needle_factory.haystack_ids
     prefix = ids[:PREFIX_TOKENS]
     suffixes = [ids[10_000 * (i + 1) : 10_000 * (i + 1) + SUFFIX_TOKENS] for i in range(3)]
     return [prefix + s for s in suffixes]

@@ -58,14 +58,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def haystack():
-    from transformers import AutoTokenizer
-
-    from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.eval.texts import paul_graham_essays
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir()))
-    return tok(paul_graham_essays(), add_special_tokens=False).input_ids
+def haystack(needle_factory):
+    return needle_factory.haystack_ids
 
 
 def _plan(haystack: list[int], seed: int = 0) -> list[dict]:
@@ -81,8 +75,9 @@ def _plan(haystack: list[int], seed: int = 0) -> list[dict]:
                 "prompt": haystack[start : start + n],
                 "max_tokens": rng.randint(*OUTPUT_RANGE),
                 "stream": stream,
-                # ~10 % of all clients: a streaming client that hangs up after a few chunks
-                "hang_up_after": rng.randint(1, 5) if stream and rng.random() < 0.2 else None,
+                # a streaming client that hangs up after a few chunks: planned for 15 % of all
+                # clients, ~10 % really cancel (a short request may finish before its hang-up)
+                "hang_up_after": rng.randint(1, 5) if stream and rng.random() < 0.3 else None,
                 "xargs": rng.choice(
                     [None, None, {"kv_budget": 0.2}, {"kv_budget": 96}, {"kv_compression": "off"}]
                 ),
@@ -208,7 +203,7 @@ def test_nothing_leaks(soak):
     kv, requests = summary["after"]["kv_cache"], summary["after"]["requests"]
     assert kv["free_blocks"] == kv["total_blocks"] == POOL_BLOCKS - 1
     assert requests == {"running": 0, "waiting": 0, "compressed_running": 0}
-    assert summary["cancelled"] >= 0.05 * NUM_REQUESTS
+    assert summary["cancelled"] >= 0.07 * NUM_REQUESTS
 
 
 def test_compression_ran_constantly_and_the_counters_add_up(soak):

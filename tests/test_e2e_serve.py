@@ -69,14 +69,8 @@ def servers():
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    from transformers import AutoTokenizer
-
-    from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.eval.needle import NeedleFactory
-
-    factory = NeedleFactory(AutoTokenizer.from_pretrained(str(model_dir())))
-    made = [factory.make(PROMPT_TOKENS, 0.5, seed) for seed in range(NUM_REQUESTS)]
+def prompts(needle_factory):
+    made = [needle_factory.make(PROMPT_TOKENS, 0.5, seed) for seed in range(NUM_REQUESTS)]
     assert all(len(p.token_ids) == PROMPT_TOKENS for p in made)
     return made
 
