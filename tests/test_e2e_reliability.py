@@ -144,7 +144,7 @@ def _settled(server: ServerProcess, timeout: float = 60.0) -> dict:
     """Stats once nothing runs any more (aborts of hung-up streams land asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = server.get_json("/v1/kv_compression")
+        stats = server.get_json("/v1/kv_compression?check_votes=1")
         idle = stats["requests"]["running"] == 0 and stats["requests"]["waiting"] == 0
         if idle and stats["kv_cache"]["free_blocks"] == stats["kv_cache"]["total_blocks"]:
             return stats

@@ -34,15 +34,22 @@ class KeepKVCPUWorker(CPUWorker):
 
     def kv_compression_worker_stats(self) -> dict[str, float]:
         """Cumulative compaction counters (collective_rpc target for the API server)."""
-        state = self.model_runner._kvc
         stats = self.model_runner.kvc_totals.as_dict()
-        stats["vote_attention_seconds"] = state.vote_attention_seconds
-        # sanity of every stored vote (free blocks included): > 0 and finite, or the counts below
-        votes = list(state.votes.values())
-        stats["votes_nonpositive"] = sum(int((v <= 0).sum()) for v in votes)
-        stats["votes_nonfinite"] = sum(int((~torch.isfinite(v)).sum()) for v in votes)
-        stats["vote_layers"] = len(votes)
+        stats["vote_attention_seconds"] = self.model_runner._kvc.vote_attention_seconds
         return stats
+
+    def kv_compression_vote_check(self) -> dict[str, int]:
+        """Scan every stored vote (free blocks included): each must be > 0 and finite.
+
+        A full pass over the vote tensors, so only on request (``?check_votes=1``), never in
+        the once-a-second metrics poll.
+        """
+        votes = list(self.model_runner._kvc.votes.values())
+        return {
+            "votes_nonpositive": sum(int((v <= 0).sum()) for v in votes),
+            "votes_nonfinite": sum(int((~torch.isfinite(v)).sum()) for v in votes),
+            "vote_layers": len(votes),
+        }
 
     def kv_compression_request_stats(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
         """Per-request tokens merged/removed over all layers and heads (collective_rpc target)."""

@@ -72,7 +72,8 @@ class KVCompressionEndpoint:
             client = getattr(request.app.state, "kv_compression_client", None)
             if client is None:
                 return JSONResponse({"enabled": False, "config": {"method": "none"}})
-            return JSONResponse(await fetch_stats(client))
+            check_votes = request.query_params.get("check_votes", "0").lower() in ("1", "true")
+            return JSONResponse(await fetch_stats(client, check_votes=check_votes))
 
         app.include_router(router)
 

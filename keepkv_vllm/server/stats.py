@@ -52,14 +52,19 @@ def engine_core_request_stats(
     return rows
 
 
-async def fetch_stats(engine_client: Any) -> dict[str, Any]:
-    """Scheduler counters (engine core) plus compaction counters (workers)."""
+async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str, Any]:
+    """Scheduler counters (engine core) plus compaction counters (workers, summed).
+
+    ``check_votes`` adds a scan of every stored vote (``votes_nonpositive``,
+    ``votes_nonfinite``), which costs a pass over the vote tensors.
+    """
     stats = await engine_client.engine_core.call_utility_async("kv_compression_stats")
     if stats.get("enabled"):
-        workers = await engine_client.collective_rpc("kv_compression_worker_stats")
+        calls = ["kv_compression_worker_stats"] + (["kv_compression_vote_check"] if check_votes else [])
         merged: dict[str, float] = {}
-        for w in workers:
-            for k, v in w.items():
-                merged[k] = merged.get(k, 0) + v
+        for call in calls:
+            for w in await engine_client.collective_rpc(call):
+                for k, v in w.items():
+                    merged[k] = merged.get(k, 0) + v
         stats["worker"] = merged
     return stats
