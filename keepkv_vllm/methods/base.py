@@ -167,21 +167,21 @@ def log_window_probability(
     Every window query (and GQA head) contributes one softmax row, weighted linearly from 1
     (oldest) to ``distance_weight`` (newest); slots a query cannot see (causal) get 0 from it.
     """
-    logits = (
-        causal_logits(keys, queries, causal=True)
-        + votes.to(compute_dtype(keys.dtype)).log()[:, None, None, :]
-    )
-    log_p = torch.log_softmax(logits, dim=-1)  # [H_kv, G, W, T]
+    log_p = torch.log_softmax(window_vote_logits(keys, votes, queries), dim=-1)  # [H_kv, G, W, T]
     _, group, w, _ = log_p.shape
     alpha = torch.linspace(1.0, distance_weight, w, dtype=log_p.dtype, device=log_p.device)
     weighted = (log_p + alpha.log().view(1, 1, w, 1)).flatten(1, 2)
     return torch.logsumexp(weighted, dim=1) - math.log(float(alpha.sum()) * group)
 
 
+def window_vote_logits(keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Window logits plus log(vote) per slot (causal): [H_kv, G, W, T]."""
+    return window_logits(keys, queries) + votes.to(compute_dtype(keys.dtype)).log()[:, None, None, :]
+
+
 def window_attention_probs(keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Vote-weighted softmax attention of every window query: [H_kv, G, W, T]."""
-    logits = window_logits(keys, queries) + votes.to(compute_dtype(keys.dtype)).log()[:, None, None, :]
-    return torch.softmax(logits, dim=-1)
+    return torch.softmax(window_vote_logits(keys, votes, queries), dim=-1)
 
 
 def select_top(priority: torch.Tensor, budget: int, span: ProtectedSpan) -> tuple[torch.Tensor, torch.Tensor]:
