@@ -76,6 +76,7 @@ class KeepKVScheduler(Scheduler):
         self._orders: dict[str, CompressionOrder] = {}
         self._step_tokens: dict[str, int] = {}
         self._compressed_ids: set[str] = set()
+        self._request_options: dict[str, RequestOptions] = {}  # parsed once per request
         self.counters = CompressionCounters()
         self.request_ledger = RequestLedger()  # per request: compressions, slots removed
         logger.info(
@@ -154,12 +155,17 @@ class KeepKVScheduler(Scheduler):
 
     # -- choosing and compressing -------------------------------------------------------
     def _options(self, request: Request) -> RequestOptions:
-        try:
-            return parse_request_options(
-                request.sampling_params.extra_args if request.sampling_params else None
-            )
-        except ConfigError:  # validated at the API boundary; never fail the engine here
-            return RequestOptions()
+        """The request's own options; ranking runs every step, so they are parsed once."""
+        options = self._request_options.get(request.request_id)
+        if options is None:
+            try:
+                options = parse_request_options(
+                    request.sampling_params.extra_args if request.sampling_params else None
+                )
+            except ConfigError:  # validated at the API boundary; never fail the engine here
+                options = RequestOptions()
+            self._request_options[request.request_id] = options
+        return options
 
     def _target(self, request: Request) -> int | None:
         """Slots this request keeps after compression, or None if it opted out."""
@@ -261,4 +267,5 @@ class KeepKVScheduler(Scheduler):
         self.kv_offset.pop(request.request_id, None)
         self._orders.pop(request.request_id, None)
         self._compressed_ids.discard(request.request_id)
+        self._request_options.pop(request.request_id, None)
         super()._free_request_blocks(request)
