@@ -11,7 +11,7 @@ pytest.importorskip("vllm")
 
 from keepkv_vllm.attention.paged_torch import paged_vote_attention  # noqa: E402
 from keepkv_vllm.engine.attention import VoteCPUAttentionImpl  # noqa: E402
-from keepkv_vllm.engine.cpu_cache import CPUPagedKV  # noqa: E402
+from keepkv_vllm.engine.cpu_cache import CPUPagedKV, strided_layout  # noqa: E402
 from keepkv_vllm.engine.worker_state import VotedDecodeBatch  # noqa: E402
 
 CASES = [("vec", torch.float32, 128), ("vec16", torch.float32, 16), ("vec", torch.bfloat16, 128)]
@@ -42,13 +42,40 @@ def test_scatter_then_gather_round_trips(isa, dtype, bs):
 
 
 @pytest.mark.parametrize("isa, dtype, bs", CASES)
-def test_flat_indices_address_the_same_slots(isa, dtype, bs):
+def test_block_reads_match_the_probed_permutation(isa, dtype, bs):
     paged, blocks, keys, values = filled(isa, dtype, bs)
+    assert paged.reads_blocks  # every vLLM CPU layout here is a strided view
     n = keys.shape[1]
-    k_idx, v_idx = paged.flat_indices(blocks, n)
-    flat = paged.kv_cache.view(-1)
-    assert torch.equal(flat[k_idx], keys.transpose(0, 1))
-    assert torch.equal(flat[v_idx], values.transpose(0, 1))
+    for start, end in ((0, n), (7, n - 3), (bs, bs + 1), (bs - 1, bs + 1)):
+        k, v = paged.gather(blocks, start, end)
+        k_ref, v_ref = paged._gather_by_index(blocks, start, end)
+        assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+        assert torch.equal(k, keys[:, start:end]) and torch.equal(v, values[:, start:end])
+    k, v = paged.gather_blocks(torch.stack([blocks, blocks.flip(0)]))
+    assert k.shape == (2, 3, 3 * bs, 64)
+    assert torch.equal(k[0, :, :n], keys) and torch.equal(v[0, :, :n], values)
+    assert torch.equal(k[1, :, 2 * bs : 3 * bs], keys[:, :bs])  # row 1 reads block 4 last
+
+
+def test_strided_layout_of_known_tilings():
+    bs, d = 32, 8
+    t, c = torch.arange(bs).view(-1, 1), torch.arange(d).view(1, -1)
+    plain = (t * d + c).reshape(-1)
+    assert strided_layout(plain, bs, d) == ((bs, d), (d, 1))  # digits of t, then of c, merged
+    transposed = (c * bs + t).reshape(-1)
+    assert strided_layout(transposed, bs, d) == ((bs, d), (1, bs))  # keys of the 'vec' layout
+    # 16-token tiles of dim pairs (the AMX-style VNNI packing)
+    tiled = ((t // 16) * 16 * d + (c // 2) * 32 + (t % 16) * 2 + c % 2).reshape(-1)
+    sizes, strides = strided_layout(tiled, bs, d)
+    region = torch.arange(bs * d)[tiled.argsort()]  # region[offset] = t * d + c
+    assert torch.equal(region.as_strided(sizes, strides).reshape(bs, d), t * d + c)
+
+
+def test_layouts_that_are_not_strided_fall_back_to_the_index_gather():
+    bs, d = 16, 6  # head_dim not a power of two
+    assert strided_layout(torch.arange(bs * d), bs, d) is None
+    shuffled = torch.randperm(32 * 8, generator=torch.Generator().manual_seed(0))
+    assert strided_layout(shuffled, 32, 8) is None
 
 
 def test_batched_voted_decode_equals_the_per_request_path():
@@ -57,21 +84,13 @@ def test_batched_voted_decode_equals_the_per_request_path():
     votes = 1 + 3 * torch.rand(6, h, bs)
     lens = [keys.shape[1], 150]
     q = torch.randn(2, h * group, d)
-    rows = [(*paged.flat_indices(blocks, n), n) for n in lens]
-    longest = max(lens)
-    key_index = torch.zeros(2, longest, h, d, dtype=torch.long)
-    value_index = torch.zeros_like(key_index)
-    vote_index = torch.zeros(2, longest, h, dtype=torch.long)
-    valid = torch.zeros(2, longest, dtype=torch.bool)
-    for i, (k_idx, v_idx, n) in enumerate(rows):
-        key_index[i, :n], value_index[i, :n], valid[i, :n] = k_idx, v_idx, True
-        slots = torch.arange(n)
-        vote_index[i, :n] = (
-            (blocks[slots // bs] * (h * bs)).view(-1, 1) + torch.arange(h) * bs + (slots % bs).view(-1, 1)
-        )
-    batch = VotedDecodeBatch(torch.tensor([0, 1]), key_index, value_index, vote_index, valid)
+    block_index = torch.stack([blocks, torch.tensor([blocks[0], blocks[1], 0])])
+    valid = torch.zeros(2, 3 * bs, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        valid[i, :n] = True
+    batch = VotedDecodeBatch(torch.tensor([0, 1]), block_index, valid)
     impl = SimpleNamespace(num_heads=h * group, scale=d**-0.5)
-    got = VoteCPUAttentionImpl._batched_decode(impl, q, paged.kv_cache, votes, batch)
+    got = VoteCPUAttentionImpl._batched_decode(impl, q, paged, votes, batch)
     for i, n in enumerate(lens):
         want = paged_vote_attention(q[i : i + 1], paged, votes, blocks, n, d**-0.5)[0]
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)

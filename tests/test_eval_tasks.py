@@ -119,3 +119,23 @@ def test_rows_without_compression_are_invalid_and_not_scored():
     assert table[("keepkv", "perplexity")]["mean_tokens_merged"] == 4
     md = markdown(aggregate(score_rows(items, rows)), [0.2])
     assert "| needle | h2o | invalid (0/1 valid) |" in md
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budgets", "1.5"], "a budget is a fraction in (0, 1]"),
+        (["--depths", "x"], "not a number"),
+        (["--kv-compression-config", '{"window": 64}'], "min_budget_tokens (64) must exceed sink + window"),
+        (["--kv-compression-config", '{"window": 6'], "not valid JSON"),
+        (["--kv-compression-config", '{"colour": 1}'], "colour"),
+    ],
+)
+def test_bad_cli_input_is_one_line_before_any_engine_starts(argv, message, capsys):
+    from keepkv_vllm.eval.harness import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", "/nonexistent/never-written", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("keepkv-eval: error:") and message in err[-1]

@@ -61,3 +61,26 @@ def test_causal_window_queries_see_only_their_past():
         alone = vote_attention(queries[:, i : i + 1], keys[:, :visible], values[:, :visible])
         torch.testing.assert_close(out[:, i : i + 1], alone, rtol=1e-12, atol=1e-12)
     assert math.isfinite(out.abs().max().item())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    lens=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    h_kv=st.integers(1, 3),
+    group=st.integers(1, 3),
+)
+def test_batched_decode_equals_vote_attention_per_request(seed, lens, h_kv, group):
+    from keepkv_vllm.attention.paged_torch import batched_vote_decode
+
+    r, width, d = len(lens), max(lens) + 3, 8
+    keys, values = _rand(seed, r, h_kv, width, d), _rand(seed + 1, r, h_kv, width, d)
+    votes = 0.5 + _rand(seed + 2, r, h_kv, width).abs()
+    query = _rand(seed + 3, r, h_kv * group, d)
+    valid = torch.arange(width) < torch.tensor(lens).view(-1, 1)
+    got = batched_vote_decode(query, keys, values, votes, valid, d**-0.5)
+    for i, n in enumerate(lens):
+        want = vote_attention(
+            query[i].unsqueeze(1), keys[i, :, :n], values[i, :, :n], votes[i, :, :n], scale=d**-0.5
+        )
+        torch.testing.assert_close(got[i], want[:, 0], rtol=1e-12, atol=1e-12)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from keepkv_vllm.attention.reference import vote_attention
+from keepkv_vllm.attention.reference import compute_dtype, vote_attention
 
 
 def slot_index(
@@ -77,3 +77,35 @@ def paged_vote_attention(
     v = None if votes is None else gather(votes, block_ids, 0, seq_len)
     out = vote_attention(query.transpose(0, 1), keys, values, v, causal=True, scale=scale)
     return out.transpose(0, 1)
+
+
+def gather_block_votes(votes: torch.Tensor, block_index: torch.Tensor) -> torch.Tensor:
+    """Votes of whole blocks: [nb, H, bs] and block_index [R, n] -> [R, H, n * bs]."""
+    r, n = block_index.shape
+    _, h, bs = votes.shape
+    blocks = votes.index_select(0, block_index.reshape(-1)).view(r, n, h, bs)
+    return blocks.permute(0, 2, 1, 3).reshape(r, h, n * bs)
+
+
+def batched_vote_decode(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    votes: torch.Tensor | None,
+    valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decode query per request, vote-weighted, all requests at once.
+
+    query [R, H_q, d]; keys, values [R, H_kv, L, d] (rows padded to one length L); votes
+    [R, H_kv, L]; valid [R, L] marks each row's real slots. Returns [R, H_q, d] in the
+    compute dtype: row r is ``vote_attention`` of query r over its valid slots.
+    """
+    r, h_kv, _, d = keys.shape
+    dt = compute_dtype(keys.dtype)
+    q = query.to(dt).view(r, h_kv, -1, d)  # [R, H_kv, G, d]: query head h uses kv head h // G
+    logits = torch.matmul(q, keys.to(dt).transpose(-1, -2)) * scale  # [R, H_kv, G, L]
+    if votes is not None:
+        logits = logits + votes.to(dt).log().unsqueeze(2)
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(logits, dim=-1), values.to(dt)).view(r, -1, d)

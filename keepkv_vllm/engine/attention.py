@@ -19,7 +19,7 @@ import torch
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from keepkv_vllm.attention.paged_torch import paged_vote_attention
+from keepkv_vllm.attention.paged_torch import batched_vote_decode, gather_block_votes, paged_vote_attention
 from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.cpu_cache import CPUPagedKV
 from keepkv_vllm.engine.worker_state import VotedDecodeBatch
@@ -74,11 +74,11 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
             start = time.perf_counter()
             votes = state.votes_for(layer.layer_name, kv_cache)
             rows = output[:n].view(n, self.num_heads, self.head_size)
+            paged = self._paged(layer, kv_cache)
             if state.voted_decode is not None:
                 rows[state.voted_decode.token_index] = self._batched_decode(
-                    q, kv_cache, votes, state.voted_decode
+                    q, paged, votes, state.voted_decode
                 ).to(rows.dtype)
-            paged = self._paged(layer, kv_cache)
             for req in state.voted_in_step:
                 rows[req.token_start : req.token_end] = paged_vote_attention(
                     q[req.token_start : req.token_end],
@@ -92,20 +92,18 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
         return out
 
     def _batched_decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, votes: torch.Tensor, batch: VotedDecodeBatch
+        self, q: torch.Tensor, paged: CPUPagedKV, votes: torch.Tensor, batch: VotedDecodeBatch
     ) -> torch.Tensor:
         """softmax(q.k * scale + log p) @ V for all voted decode requests at once: [R, H_q, d]."""
-        flat = kv_cache.view(-1)
-        keys = flat[batch.key_index].float()  # [R, L, H_kv, d]
-        values = flat[batch.value_index].float()
-        log_votes = votes.view(-1)[batch.vote_index].log()  # [R, L, H_kv]
-        r, _, h_kv, d = keys.shape
-        query = q[batch.token_index].float().view(r, h_kv, self.num_heads // h_kv, d)
-        logits = torch.einsum("rhgd,rlhd->rhgl", query, keys) * self.scale
-        logits = logits + log_votes.permute(0, 2, 1).unsqueeze(2)
-        logits = logits.masked_fill(~batch.valid[:, None, None, :], float("-inf"))
-        out = torch.einsum("rhgl,rlhd->rhgd", torch.softmax(logits, dim=-1), values)
-        return out.reshape(r, self.num_heads, d)
+        keys, values = paged.gather_blocks(batch.block_index)
+        return batched_vote_decode(
+            q[batch.token_index],
+            keys,
+            values,
+            gather_block_votes(votes, batch.block_index),
+            batch.valid,
+            self.scale,
+        )
 
 
 class VoteCPUAttentionBackend(CPUAttentionBackend):

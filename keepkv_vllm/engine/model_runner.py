@@ -156,32 +156,24 @@ class CompressionRunnerMixin:
         return result
 
     def _kvc_decode_batch(self, decodes: list[VotedRequest]) -> VotedDecodeBatch | None:
-        """One padded gather plan for every voted decode request, reused by all layers."""
+        """One padded block plan for every voted decode request, reused by all layers."""
         layers = self._kvc_layers()
         if not decodes:
             return None
         paged = layers[0][2]
-        if not paged.kv_cache.is_contiguous():  # flat indexing needs it; use the per-request path
+        if not paged.reads_blocks:  # a layout strided views cannot read: the per-request path
             self._kvc.voted_in_step.extend(decodes)
             return None
-        longest = max(r.seq_len for r in decodes)
-        nb, h, bs, two_d = paged.kv_cache.shape
-        d = two_d // 2
-        keys = torch.zeros(len(decodes), longest, h, d, dtype=torch.long)
-        values = torch.zeros_like(keys)
-        votes = torch.zeros(len(decodes), longest, h, dtype=torch.long)
-        valid = torch.zeros(len(decodes), longest, dtype=torch.bool)
+        bs = paged.block_size
+        width = max(-(-r.seq_len // bs) for r in decodes)
+        block_index = torch.zeros(len(decodes), width, dtype=torch.long)
+        valid = torch.zeros(len(decodes), width * bs, dtype=torch.bool)
         for i, r in enumerate(decodes):
-            k_idx, v_idx = paged.flat_indices(r.block_ids, r.seq_len)
-            keys[i, : r.seq_len], values[i, : r.seq_len] = k_idx, v_idx
-            slots = torch.arange(r.seq_len)
-            blk = r.block_ids[slots // bs].view(-1, 1)
-            votes[i, : r.seq_len] = (
-                blk * (h * bs) + torch.arange(h).view(1, -1) * bs + (slots % bs).view(-1, 1)
-            )
+            n = -(-r.seq_len // bs)
+            block_index[i, :n] = r.block_ids[:n]
             valid[i, : r.seq_len] = True
         token_index = torch.tensor([r.token_start for r in decodes], dtype=torch.long)
-        return VotedDecodeBatch(token_index, keys, values, votes, valid)
+        return VotedDecodeBatch(token_index, block_index, valid)
 
 
 class KeepKVCPUModelRunner(CompressionRunnerMixin, CPUModelRunner):

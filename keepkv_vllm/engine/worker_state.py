@@ -30,15 +30,12 @@ class VotedRequest:
 class VotedDecodeBatch:
     """This step's decoding requests with votes != 1, padded to one shape for all layers.
 
-    Built once per step by the runner; indices point into ``kv_cache.view(-1)`` and
-    ``votes.view(-1)``, which have the same layout in every layer.
+    Built once per step by the runner; block ids are the same in every layer.
     """
 
     token_index: torch.Tensor  # [R] rows of the step's query/output
-    key_index: torch.Tensor  # [R, L, H_kv, d]
-    value_index: torch.Tensor  # [R, L, H_kv, d]
-    vote_index: torch.Tensor  # [R, L, H_kv]
-    valid: torch.Tensor  # [R, L] bool: slot < the request's seq_len
+    block_index: torch.Tensor  # [R, n] each request's blocks, padded with block 0
+    valid: torch.Tensor  # [R, n * block_size] bool: slot < the request's seq_len
 
 
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -335,17 +335,42 @@ def _run_child(spec: dict[str, Any], work: Path, bar: Any) -> list[dict[str, Any
         return [json.loads(line)["result"] for line in f if line.startswith('{"result"')]
 
 
+def _budget_fraction(text: str) -> float:
+    """argparse type: a budget as a fraction of each prompt, in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a budget is a fraction in (0, 1], got {text}")
+    return value
+
+
+def _depth(text: str) -> float:
+    """argparse type: a needle depth in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a depth is in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keepkv-eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument(
-        "--budgets", nargs="+", type=float, help=f"default {DEFAULT_BUDGETS} ({QUICK_BUDGETS} with --quick)"
+        "--budgets",
+        nargs="+",
+        type=_budget_fraction,
+        help=f"default {DEFAULT_BUDGETS} ({QUICK_BUDGETS} with --quick)",
     )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--quick", action="store_true", help="small grid for CI (a few minutes)")
     p.add_argument("--lengths", nargs="+", type=int, help="context lengths of the needle and RULER tasks")
-    p.add_argument("--depths", nargs="+", type=float, help="needle depths (0..1)")
+    p.add_argument("--depths", nargs="+", type=_depth, help="needle depths (0..1)")
     p.add_argument("--seeds", type=int, help="items per length for the RULER and perplexity tasks")
     p.add_argument("--out", type=Path, default=Path("results/eval"))
     p.add_argument(
@@ -367,12 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args._child:
         spec_path, results_path = args._child
         run_grid(json.loads(Path(spec_path).read_text()), Path(results_path))
         return
-    evaluate(args, argv)
+    from keepkv_vllm.config import ConfigError
+
+    try:
+        evaluate(args, argv)
+    except ConfigError as e:  # bad budget or plugin setting: one line, before any engine starts
+        parser.error(str(e))
 
 
 def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
@@ -381,14 +412,12 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
     from transformers import AutoTokenizer
 
     from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.config import KVCompressionConfig, check_budget
+    from keepkv_vllm.config import load_config_arg, parse_config
 
     if args.budgets is None:
         args.budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
-    for b in args.budgets:
-        check_budget(b)
-    extra_config = json.loads(args.kv_compression_config)
-    KVCompressionConfig(method="keepkv", **{"budget": 0.3, **extra_config})  # fail fast on bad keys
+    extra_config = load_config_arg(args.kv_compression_config)
+    parse_config({"method": "keepkv", "budget": 0.3, **extra_config})  # fail fast on bad keys
     model = args.model or str(model_dir())
     grid = QUICK_GRID if args.quick else DEFAULT_GRID
     if args.lengths:
