@@ -78,3 +78,20 @@ def test_request_ledger_sums_per_request_and_forgets_the_oldest():
     }
     ledger.add("c", compressions=1)
     assert set(ledger.get()) == {"b", "c"}
+
+
+def test_worker_state_allocates_votes_and_rings_up_front():
+    from keepkv_vllm.config import parse_config
+    from keepkv_vllm.engine.worker_state import WorkerCompressionState
+
+    state = WorkerCompressionState(parse_config({"method": "keepkv", "window": 16}), max_requests=5)
+    kv = torch.zeros(7, 3, 16, 2 * 8, dtype=torch.bfloat16)  # [blocks, kv-heads, block size, 2 d]
+    vote_bytes, ring_bytes = state.allocate([("a", kv, 9, 8), ("b", kv, 9, 8)])
+    assert vote_bytes == 2 * 7 * 3 * 16 * 4  # float32 per slot and kv-head
+    assert ring_bytes == 2 * 5 * 16 * 9 * 8 * 2  # requests x window x query heads x d, cache dtype
+    assert torch.equal(state.votes["a"], torch.ones(7, 3, 16))
+    assert state.rings["b"].dtype == torch.bfloat16
+    # a second cache (after vLLM's profiling pass) replaces every tensor of the first
+    kv2 = torch.zeros(4, 3, 16, 16, dtype=torch.bfloat16)
+    state.allocate([("a", kv2, 9, 8)])
+    assert set(state.votes) == {"a"} and state.votes["a"].shape == (4, 3, 16)

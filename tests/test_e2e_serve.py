@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -155,6 +156,13 @@ def test_counters_on_metrics_and_info_log(servers, runs):
     log = Path(keepkv.log.name).read_text()
     assert "KV compression enabled: method=keepkv" in log
     assert "kv compression (keepkv): request" in log
+    # votes and query rings are allocated at startup beside the KV cache, and reported
+    sizes = re.search(
+        r"kv compression: ([\d.]+) MiB of votes \(([\d.]+) % of the KV cache's ([\d.]+) MiB\)", log
+    )
+    assert sizes is not None
+    assert float(sizes[2]) == 0.8  # one float32 vote per (slot, kv-head) beside 2 x 64 float32
+    assert float(sizes[3]) == round(POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN / 2**20, 1)
 
 
 def test_endpoint_reports_the_active_config(servers):

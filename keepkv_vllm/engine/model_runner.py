@@ -55,6 +55,27 @@ class CompressionRunnerMixin:
                     self._kvc_layer_cache.append((name, kv_cache, CPUPagedKV(kv_cache, module.isa)))
         return self._kvc_layer_cache
 
+    def initialize_kv_cache(self, *args: object, **kwargs: object) -> None:
+        super().initialize_kv_cache(*args, **kwargs)  # type: ignore[misc]
+        self._kvc_layer_cache = []  # the KV tensors are new
+        layers = self._kvc_layers()
+        context = self.compilation_config.static_forward_context
+        vote_bytes, ring_bytes = self._kvc.allocate(
+            [(name, kv, context[name].impl.num_heads, context[name].impl.head_size) for name, kv, _ in layers]
+        )
+        kv_bytes = sum(kv.numel() * kv.element_size() for _, kv, _ in layers)
+        logger.info(
+            "kv compression: %.1f MiB of votes (%.1f %% of the KV cache's %.1f MiB) and %.1f MiB of "
+            "query rings (%d requests x %d queries x %d layers) beside the KV cache",
+            vote_bytes / 2**20,
+            100 * vote_bytes / max(kv_bytes, 1),
+            kv_bytes / 2**20,
+            ring_bytes / 2**20,
+            self._kvc.max_requests,
+            self._kvc.window,
+            len(layers),
+        )
+
     def _kvc_compact(self, order: CompressionOrder) -> CompactionStats:
         state = self._kvc
         method = state.method_for(order.method)

@@ -96,6 +96,30 @@ class WorkerCompressionState:
             self._free_rows.append(row)
 
     # -- per layer ------------------------------------------------------------------
+    def allocate(self, layers: list[tuple[str, torch.Tensor, int, int]]) -> tuple[int, int]:
+        """Votes and query rings for (name, kv_cache, query heads, head size) of every layer, now.
+
+        Called when vLLM has allocated the KV cache, so a host or device without room for them
+        fails at startup, not at the first compressed step; tensors from an earlier (profiling)
+        cache are dropped. Returns their sizes in bytes: (votes, rings).
+        """
+        self.votes.clear()
+        self.rings.clear()
+        for name, kv_cache, num_query_heads, head_size in layers:
+            self.votes_for(name, kv_cache)
+            self.rings[name] = torch.zeros(
+                self.max_requests * self.window,
+                num_query_heads,
+                head_size,
+                dtype=kv_cache.dtype,
+                device=kv_cache.device,
+            )
+
+        def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors.values())
+
+        return nbytes(self.votes), nbytes(self.rings)
+
     def votes_for(self, layer_name: str, kv_cache: torch.Tensor) -> torch.Tensor:
         votes = self.votes.get(layer_name)
         if votes is None:

@@ -31,6 +31,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {name: (name, {}) for name in sorted(MET
 VARIANTS["keepkv-count"] = ("keepkv", {"vote_rule": "count"})
 VARIANTS["keepkv-nopool"] = ("keepkv", {"pool_kernel": 1})
 VARIANTS["keepkv-mass"] = ("keepkv", {"selection": "mass"})  # the authors' ranking
+VARIANTS["keepkv-sim0.8"] = ("keepkv", {"similarity_threshold": 0.8})  # merge threshold
+VARIANTS["keepkv-sim0.9"] = ("keepkv", {"similarity_threshold": 0.9})
+VARIANTS["keepkv-nomerge"] = ("keepkv", {"similarity_threshold": 1.0})  # selection only
 
 
 def load_model(model_path: str | None = None) -> tuple[torch.nn.Module, object]:
