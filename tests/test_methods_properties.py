@@ -91,6 +91,29 @@ def test_threshold_one_is_pure_eviction_of_the_lowest_scores():
     )
 
 
+def test_value_gate_merges_a_subset_of_what_the_key_test_admits():
+    keys, values, vts, queries = make_inputs(h_kv=2, group=2, t=120, window=4, dtype=torch.float64)
+    keys = keys[:, :1] + 0.3 * keys  # similar keys, so the key test alone merges nearly everything
+
+    def run(**options):
+        method = get_method("keepkv", similarity_threshold=0.0, **options)
+        return method.compress(keys, values, vts, queries, 30)
+
+    full = run()
+    assert torch.equal(run(value_threshold=-1.0).keys, full.keys)  # an open gate changes nothing
+    some = run(value_threshold=0.2)
+    assert (0 < some.num_merged).all() and (some.num_merged < full.num_merged).all()
+    closed = run(value_threshold=1.0)  # random values are never parallel: selection only
+    selection_only = get_method("keepkv", similarity_threshold=1.0).compress(keys, values, vts, queries, 30)
+    assert (closed.num_merged == 0).all()
+    assert torch.equal(closed.keys, selection_only.keys) and torch.equal(closed.votes, selection_only.votes)
+
+
+def test_value_threshold_out_of_range_is_a_value_error():
+    with pytest.raises(ValueError, match="value_threshold"):
+        get_method("keepkv", value_threshold=1.5)
+
+
 def test_keepkv_keeps_the_slot_the_window_attends_to():
     keys, values, vts, queries = make_inputs(h_kv=1, group=1, t=120, window=4, dtype=torch.float64)
     keys[0, 50] = queries[0, -1] * 3  # a needle every window query attends to

@@ -34,6 +34,8 @@ VARIANTS["keepkv-mass"] = ("keepkv", {"selection": "mass"})  # the authors' rank
 VARIANTS["keepkv-sim0.8"] = ("keepkv", {"similarity_threshold": 0.8})  # merge threshold
 VARIANTS["keepkv-sim0.9"] = ("keepkv", {"similarity_threshold": 0.9})
 VARIANTS["keepkv-nomerge"] = ("keepkv", {"similarity_threshold": 1.0})  # selection only
+VARIANTS["keepkv-v0.5"] = ("keepkv", {"value_threshold": 0.5})  # merge only similar values too
+VARIANTS["keepkv-v0.7"] = ("keepkv", {"value_threshold": 0.7})
 
 
 def load_model(model_path: str | None = None) -> tuple[torch.nn.Module, object]:

@@ -90,6 +90,7 @@ class KeepKV(KVCompressionMethod):
         vote_rule: Literal["exact", "count"] = "exact",
         pool_kernel: int = 7,
         selection: Literal["probability", "mass"] = "probability",
+        value_threshold: float | None = None,
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -106,6 +107,11 @@ class KeepKV(KVCompressionMethod):
         if selection not in ("probability", "mass"):
             raise ValueError(f"selection must be 'probability' or 'mass', got {selection!r}")
         self.selection = selection
+        if value_threshold is not None and (
+            not isinstance(value_threshold, (int, float)) or not -1.0 <= value_threshold <= 1.0
+        ):
+            raise ValueError(f"value_threshold must be None or in [-1, 1], got {value_threshold!r}")
+        self.value_threshold = None if value_threshold is None else float(value_threshold)
 
     @property
     def writes_votes(self) -> bool:
@@ -141,6 +147,10 @@ class KeepKV(KVCompressionMethod):
         kf, vf = keys.to(dt), values.to(dt)
         target, sim = nearest_by_cosine(gather_slots(kf, evicted), gather_slots(kf, heavy))
         merge = sim >= self.similarity_threshold  # [H, E]
+        if self.value_threshold is not None:  # also require similar values (experimental)
+            v_target = gather_slots(gather_slots(vf, heavy), target)
+            v_sim = F.cosine_similarity(gather_slots(vf, evicted), v_target, dim=-1)
+            merge &= v_sim >= self.value_threshold
 
         # Weights relative to the head's largest, so exp() cannot overflow; the shift
         # cancels in the averages and is added back to the exact vote below.
