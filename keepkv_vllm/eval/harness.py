@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -335,26 +336,20 @@ def _run_child(spec: dict[str, Any], work: Path, bar: Any) -> list[dict[str, Any
         return [json.loads(line)["result"] for line in f if line.startswith('{"result"')]
 
 
-def _budget_fraction(text: str) -> float:
-    """argparse type: a budget as a fraction of each prompt, in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a budget is a fraction in (0, 1], got {text}")
-    return value
+def _number_in(low: float, high: float, what: str, low_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a float in [low, high] ((low, high] with ``low_open``), else one-line error."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{what} in {interval}, got {text}")
+        return value
 
-def _depth(text: str) -> float:
-    """argparse type: a needle depth in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a depth is in [0, 1], got {text}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,13 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budgets",
         nargs="+",
-        type=_budget_fraction,
+        type=_number_in(0.0, 1.0, "a budget is a fraction", low_open=True),
         help=f"default {DEFAULT_BUDGETS} ({QUICK_BUDGETS} with --quick)",
     )
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--quick", action="store_true", help="small grid for CI (a few minutes)")
     p.add_argument("--lengths", nargs="+", type=int, help="context lengths of the needle and RULER tasks")
-    p.add_argument("--depths", nargs="+", type=_depth, help="needle depths (0..1)")
+    p.add_argument(
+        "--depths", nargs="+", type=_number_in(0.0, 1.0, "a depth is"), help="needle depths (0..1)"
+    )
     p.add_argument("--seeds", type=int, help="items per length for the RULER and perplexity tasks")
     p.add_argument("--out", type=Path, default=Path("results/eval"))
     p.add_argument(

@@ -145,11 +145,12 @@ class KeepKV(KVCompressionMethod):
         evicted = evicted_mask(kept, t).nonzero()[:, 1].view(h, t - budget)
 
         kf, vf = keys.to(dt), values.to(dt)
-        target, sim = nearest_by_cosine(gather_slots(kf, evicted), gather_slots(kf, heavy))
+        k_heavy, k_evicted = gather_slots(kf, heavy), gather_slots(kf, evicted)
+        v_heavy, v_evicted = gather_slots(vf, heavy), gather_slots(vf, evicted)
+        target, sim = nearest_by_cosine(k_evicted, k_heavy)
         merge = sim >= self.similarity_threshold  # [H, E]
         if self.value_threshold is not None:  # also require similar values (experimental)
-            v_target = gather_slots(gather_slots(vf, heavy), target)
-            v_sim = F.cosine_similarity(gather_slots(vf, evicted), v_target, dim=-1)
+            v_sim = F.cosine_similarity(v_evicted, gather_slots(v_heavy, target), dim=-1)
             merge &= v_sim >= self.value_threshold
 
         # Weights relative to the head's largest, so exp() cannot overflow; the shift
@@ -160,10 +161,10 @@ class KeepKV(KVCompressionMethod):
         w_e = gather_slots(w, evicted) * merge
         total = w_c.scatter_add(1, target, w_e)
         k_r = scatter_rows(
-            gather_slots(kf, heavy) * w_c[..., None], target, gather_slots(kf, evicted) * w_e[..., None]
+            k_heavy * w_c[..., None], target, k_evicted * w_e[..., None]
         )
         v_r = scatter_rows(
-            gather_slots(vf, heavy) * w_c[..., None], target, gather_slots(vf, evicted) * w_e[..., None]
+            v_heavy * w_c[..., None], target, v_evicted * w_e[..., None]
         )
         k_r, v_r = k_r / total[..., None], v_r / total[..., None]
 
