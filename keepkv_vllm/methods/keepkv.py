@@ -160,12 +160,8 @@ class KeepKV(KVCompressionMethod):
         w_c = gather_slots(w, heavy)
         w_e = gather_slots(w, evicted) * merge
         total = w_c.scatter_add(1, target, w_e)
-        k_r = scatter_rows(
-            k_heavy * w_c[..., None], target, k_evicted * w_e[..., None]
-        )
-        v_r = scatter_rows(
-            v_heavy * w_c[..., None], target, v_evicted * w_e[..., None]
-        )
+        k_r = scatter_rows(k_heavy * w_c[..., None], target, k_evicted * w_e[..., None])
+        v_r = scatter_rows(v_heavy * w_c[..., None], target, v_evicted * w_e[..., None])
         k_r, v_r = k_r / total[..., None], v_r / total[..., None]
 
         p_c = gather_slots(votes, heavy).to(dt)
