@@ -128,16 +128,6 @@ class WorkerCompressionState:
             self.votes[layer_name] = votes
         return votes
 
-    def ring_for(self, layer_name: str, query: torch.Tensor) -> torch.Tensor:
-        ring = self.rings.get(layer_name)
-        if ring is None:
-            _, h_q, d = query.shape
-            ring = torch.zeros(
-                self.max_requests * self.window, h_q, d, dtype=query.dtype, device=query.device
-            )
-            self.rings[layer_name] = ring
-        return ring
-
     def mark_fresh(self, layer_name: str, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Fresh tokens get vote 1, also in reused blocks that held merged slots before."""
         votes = self.votes_for(layer_name, kv_cache)
@@ -149,7 +139,7 @@ class WorkerCompressionState:
     def record_queries(self, layer_name: str, query: torch.Tensor) -> None:
         if self.ring_src is None or self.ring_src.numel() == 0:
             return
-        ring = self.ring_for(layer_name, query)
+        ring = self.rings[layer_name]  # allocated with the KV cache (``allocate``)
         ring[self.ring_dst] = query[self.ring_src].to(ring.dtype)
 
     def window_queries(self, layer_name: str, req_id: str, num_computed_tokens: int) -> torch.Tensor:
