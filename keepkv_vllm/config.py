@@ -68,6 +68,13 @@ class KVCompressionConfig(BaseModel):
     recent: int | None = Field(default=None, ge=0, description="None: max(recent_fraction * budget, window)")
     recent_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     window: int = Field(default=16, ge=1, le=256, description="observation window: last W queries kept")
+    window_memory: float = Field(
+        default=0.02,
+        gt=0.0,
+        le=0.5,
+        description="share of the KV memory for the query window; it sets how many requests can be "
+        "compressible at once (at least one, at most max_num_seqs)",
+    )
     method_options: dict[str, Any] = Field(default_factory=dict, description="method-specific knobs")
 
     @field_validator("budget", mode="before")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
+import os
 from typing import Any
 
 from keepkv_vllm.config import (
@@ -32,8 +34,11 @@ from keepkv_vllm.config import (
 )
 
 SCHEDULER_CLS = "keepkv_vllm.engine.scheduler.KeepKVScheduler"
-WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVCPUWorker"
+CPU_WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVCPUWorker"
+GPU_WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVGPUWorker"
+GPU_BACKEND = "keepkv_vllm.engine.flash_attention.KeepKVFlashAttentionBackend"
 _PATCHED = "_keepkv_patched"
+logger = logging.getLogger("vllm.keepkv")
 
 
 def register() -> None:
@@ -139,6 +144,7 @@ def _patch_engine_config(engine_args: type) -> None:
             # compression frees blocks the moment it decides; an overlapped step could
             # still be writing them, so the engine runs steps one at a time
             self.async_scheduling = False
+            select_v1_model_runner()
         vllm_config = stock_create(self, *args, **kwargs)
         if config.enabled:
             _select_engine_classes(vllm_config, config)
@@ -147,13 +153,24 @@ def _patch_engine_config(engine_args: type) -> None:
     engine_args.create_engine_config = create_engine_config
 
 
+def select_v1_model_runner() -> None:
+    """Compression hooks into the V1 model runner (``_update_states``, ``_prepare_inputs``);
+    vLLM 0.32 defaults to Model Runner V2 on GPUs, which has neither. Child processes
+    (engine core, workers) inherit the variable."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        raise ConfigError("--kv-compression runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("kv compression: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+
+
 def _select_engine_classes(vllm_config: Any, config: Any) -> None:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
         raise ConfigError(
-            f"--kv-compression {config.method}: only the CPU engine is supported in this release "
-            "(the GPU attention path is tracked separately); use --kv-compression none on GPUs"
+            f"--kv-compression {config.method}: supported on the CPU and NVIDIA CUDA engines, "
+            f"not on {current_platform.device_name}"
         )
     cache = vllm_config.cache_config
     if cache.cache_dtype not in ("auto", None):
@@ -162,9 +179,27 @@ def _select_engine_classes(vllm_config: Any, config: Any) -> None:
         raise ConfigError("--kv-compression cannot be combined with speculative decoding")
     if vllm_config.parallel_config.world_size > 1:
         raise ConfigError("--kv-compression supports a single worker (tensor/pipeline parallel size 1)")
+    worker_cls = CPU_WORKER_CLS
+    if current_platform.is_cuda():
+        worker_cls = GPU_WORKER_CLS
+        _select_gpu_backend(vllm_config)
     vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
     vllm_config.scheduler_config.async_scheduling = False
-    vllm_config.parallel_config.worker_cls = WORKER_CLS
+    vllm_config.parallel_config.worker_cls = worker_cls
+
+
+def _select_gpu_backend(vllm_config: Any) -> None:
+    """The vote-weighted FlashAttention-layout backend, as vLLM's CUSTOM attention backend."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    attention = vllm_config.attention_config
+    if attention.backend not in (None, AttentionBackendEnum.CUSTOM):
+        raise ConfigError(
+            "--kv-compression brings its own attention backend; "
+            f"drop --attention-backend {attention.backend.name}"
+        )
+    register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND)  # the workers register it again
+    attention.backend = AttentionBackendEnum.CUSTOM
 
 
 # -- per request -----------------------------------------------------------------------

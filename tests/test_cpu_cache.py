@@ -9,8 +9,9 @@ import torch
 
 pytest.importorskip("vllm")
 
+from keepkv_vllm.attention.kv_layout import allocate_padded_cache  # noqa: E402
 from keepkv_vllm.attention.paged_torch import paged_vote_attention  # noqa: E402
-from keepkv_vllm.engine.attention import VoteCPUAttentionImpl  # noqa: E402
+from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl  # noqa: E402
 from keepkv_vllm.engine.cpu_cache import CPUPagedKV, strided_layout  # noqa: E402
 from keepkv_vllm.engine.worker_state import VotedDecodeBatch  # noqa: E402
 
@@ -21,7 +22,7 @@ if torch.cpu._is_amx_tile_supported():
 
 def filled(isa, dtype, bs, nb=6, h=3, d=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    kv = torch.zeros(nb, h, bs, 2 * d, dtype=dtype)
+    kv = allocate_padded_cache(nb, h, bs, d, dtype, slot_major=False)  # vLLM's CPU pages, votes padded
     paged = CPUPagedKV(kv, isa)
     blocks = torch.tensor([4, 1, 3])
     n = min(2 * bs + 5, 3 * bs)
@@ -78,10 +79,20 @@ def test_layouts_that_are_not_strided_fall_back_to_the_index_gather():
     assert strided_layout(shuffled, 32, 8) is None
 
 
+@pytest.mark.parametrize("isa, dtype, bs", CASES)
+def test_writes_leave_the_vote_padding_alone_and_votes_leave_the_data_alone(isa, dtype, bs):
+    paged, blocks, keys, values = filled(isa, dtype, bs)
+    assert torch.equal(paged.log_votes, torch.zeros_like(paged.log_votes))
+    paged.log_votes.fill_(float("nan"))
+    n = keys.shape[1]
+    k, v = paged.gather(blocks, 0, n)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+
+
 def test_batched_voted_decode_equals_the_per_request_path():
     bs, h, d, group = 128, 3, 64, 3
     paged, blocks, keys, values = filled("vec", torch.float32, bs, h=h, d=d)
-    votes = 1 + 3 * torch.rand(6, h, bs)
+    paged.log_votes.copy_((1 + 3 * torch.rand(6, h, bs)).log())
     lens = [keys.shape[1], 150]
     q = torch.randn(2, h * group, d)
     block_index = torch.stack([blocks, torch.tensor([blocks[0], blocks[1], 0])])
@@ -90,7 +101,7 @@ def test_batched_voted_decode_equals_the_per_request_path():
         valid[i, :n] = True
     batch = VotedDecodeBatch(torch.tensor([0, 1]), block_index, valid)
     impl = SimpleNamespace(num_heads=h * group, scale=d**-0.5)
-    got = VoteCPUAttentionImpl._batched_decode(impl, q, paged, votes, batch)
+    got = VoteCPUAttentionImpl._batched_decode(impl, q, paged, batch)
     for i, n in enumerate(lens):
-        want = paged_vote_attention(q[i : i + 1], paged, votes, blocks, n, d**-0.5)[0]
+        want = paged_vote_attention(q[i : i + 1], paged, block_index[i], n, d**-0.5)[0]
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)

@@ -78,7 +78,7 @@ def _engine_config(additional_config):
 def test_llm_additional_config_selects_the_keepkv_engine_classes():
     cfg = _engine_config({"kv_compression": {"method": "keepkv", "budget": 0.25}})
     assert cfg.scheduler_config.scheduler_cls == plugin.SCHEDULER_CLS
-    assert cfg.parallel_config.worker_cls == plugin.WORKER_CLS
+    assert cfg.parallel_config.worker_cls == plugin.CPU_WORKER_CLS
     assert cfg.scheduler_config.async_scheduling is False
 
 

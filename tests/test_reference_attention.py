@@ -78,7 +78,7 @@ def test_batched_decode_equals_vote_attention_per_request(seed, lens, h_kv, grou
     votes = 0.5 + _rand(seed + 2, r, h_kv, width).abs()
     query = _rand(seed + 3, r, h_kv * group, d)
     valid = torch.arange(width) < torch.tensor(lens).view(-1, 1)
-    got = batched_vote_decode(query, keys, values, votes, valid, d**-0.5)
+    got = batched_vote_decode(query, keys, values, votes.log(), valid, d**-0.5)
     for i, n in enumerate(lens):
         want = vote_attention(
             query[i].unsqueeze(1), keys[i, :, :n], values[i, :, :n], votes[i, :, :n], scale=d**-0.5

@@ -29,7 +29,7 @@ def make_case(seed, seq_lens, q_lens, h_kv, group, d, block_size, dtype, with_vo
     # poison everything: unused blocks and unused slots must never be read
     key_cache = torch.full((num_blocks, block_size, h_kv, d), float("nan"))
     value_cache = torch.full((num_blocks, block_size, h_kv, d), float("nan"))
-    votes = torch.full((num_blocks, h_kv, block_size), float("nan"))
+    log_votes = torch.full((num_blocks, h_kv, block_size), float("nan"))
     perm = torch.randperm(num_blocks, generator=g)
     table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
     dense = []
@@ -44,7 +44,7 @@ def make_case(seed, seq_lens, q_lens, h_kv, group, d, block_size, dtype, with_vo
         for j in range(s):
             key_cache[ids[j // block_size], j % block_size] = k[j]
             value_cache[ids[j // block_size], j % block_size] = v[j]
-            votes[ids[j // block_size], :, j % block_size] = p[:, j]
+            log_votes[ids[j // block_size], :, j % block_size] = p[:, j].log()
         dense.append((k, v, p))
     q = torch.randn(sum(q_lens), h_kv * group, d, generator=g)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -61,7 +61,7 @@ def make_case(seed, seq_lens, q_lens, h_kv, group, d, block_size, dtype, with_vo
         query=q.to(dtype).to(DEVICE),
         key_cache=key_cache.to(dtype).to(DEVICE),
         value_cache=value_cache.to(dtype).to(DEVICE),
-        votes=votes.to(DEVICE) if with_votes else None,
+        log_votes=log_votes.to(DEVICE) if with_votes else None,
         block_table=table.to(DEVICE),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         query_start_loc=qsl.to(DEVICE),
@@ -100,9 +100,44 @@ def test_kernel_half_precision_caches(kernel, dtype, d, block_size):
 def test_unit_votes_equal_votes_none(kernel):
     inputs, _ = make_case(2, [33, 12], [1, 1], 1, 2, 32, 16, torch.float32, False)
     plain = kernel.vote_paged_attention(**inputs)
-    ones = torch.ones(inputs["key_cache"].shape[0], 1, 16, device=DEVICE)
-    voted = kernel.vote_paged_attention(**{**inputs, "votes": ones})
+    zeros = torch.zeros(inputs["key_cache"].shape[0], 1, 16, device=DEVICE)  # log 1
+    voted = kernel.vote_paged_attention(**{**inputs, "log_votes": zeros})
     torch.testing.assert_close(plain, voted, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_padding_rows_with_no_slots_write_zeros_not_nan(kernel, num_splits):
+    # captured decode batches are padded with sequences of length 0
+    inputs, expected = make_case(5, [21, 30], [1, 1], 2, 2, 32, 16, torch.float32, True)
+    inputs["seq_lens"] = torch.tensor([21, 0], dtype=torch.int32, device=DEVICE)
+    out = kernel.vote_paged_attention(**inputs, num_splits=num_splits, block_n=16)
+    torch.testing.assert_close(out[0].double().cpu(), expected[0], rtol=2e-5, atol=2e-5)
+    assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_store_kv_writes_slots_resets_their_votes_and_skips_padding(kernel, dtype):
+    g = torch.Generator().manual_seed(6)
+    nb, bs, h, d = 5, 16, 3, 32
+    key_cache = torch.randn(nb, bs, h, d, generator=g).to(dtype)
+    value_cache = torch.randn(nb, bs, h, d, generator=g).to(dtype)
+    log_votes = torch.rand(nb, h, bs, generator=g) + 1
+    key = torch.randn(4, h, d, generator=g)
+    value = torch.randn(4, h, d, generator=g)
+    slots = torch.tensor([3 * bs + 5, -1, 0, 4 * bs + 15])  # one padding token
+    expect_k, expect_v, expect_p = key_cache.clone(), value_cache.clone(), log_votes.clone()
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expect_k[s // bs, s % bs] = key[t].to(dtype)
+            expect_v[s // bs, s % bs] = value[t].to(dtype)
+            expect_p[s // bs, :, s % bs] = 0.0
+    args = [x.to(DEVICE) for x in (key, value, key_cache, value_cache, log_votes, slots)]
+    kernel.store_kv(*args)
+    # bf16: Triton's interpreter rounds fp32 -> bf16 differently from torch (one unit in the last place)
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(args[2].cpu(), expect_k, **tol)
+    torch.testing.assert_close(args[3].cpu(), expect_v, **tol)
+    assert torch.equal(args[4].cpu(), expect_p)
 
 
 def test_preallocated_workspace_and_output_are_reused(kernel):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from keepkv_vllm.attention import paged_torch
+from keepkv_vllm.attention.kv_layout import PagedKV, gather_votes, scatter_votes
 from keepkv_vllm.methods.base import KVCompressionMethod
 
 #: attribute of vLLM's SchedulerOutput carrying this step's orders to the workers
@@ -42,8 +42,7 @@ class CompressionOrder:
 
 @dataclass
 class LayerCache:
-    kv: paged_torch.PagedKV  # slot-range access to the layer's keys and values
-    votes: torch.Tensor  # [num_blocks, H_kv, block_size] float32
+    kv: PagedKV  # slot-range access to the layer's keys, values and log-votes
     window_queries: torch.Tensor  # [H_q, W, d] oldest first, for this request
 
 
@@ -108,15 +107,16 @@ class RequestLedger:
 def compact_layer(
     layer: LayerCache, order: CompressionOrder, method: KVCompressionMethod, stats: CompactionStats
 ) -> None:
-    dev = layer.votes.device
-    src = torch.tensor(order.src_block_ids, dtype=torch.long, device=dev)
-    dst = torch.tensor(order.block_ids, dtype=torch.long, device=dev)
+    log_votes = layer.kv.log_votes
+    src = torch.tensor(order.src_block_ids, dtype=torch.long, device=log_votes.device)
+    dst = torch.tensor(order.block_ids, dtype=torch.long, device=log_votes.device)
     lo, hi = order.frozen_slots, order.kv_len_before
     keys, values = layer.kv.gather(src, lo, hi)
-    votes = paged_torch.gather(layer.votes, src, lo, hi)
-    result = method.compress(keys, values, votes, layer.window_queries, order.kv_len_after - lo)
+    votes = gather_votes(log_votes, src, lo, hi).exp()  # the methods work on vote counts p
+    queries = layer.window_queries.to(keys.dtype)  # kept in 16 bits; scored in the cache dtype
+    result = method.compress(keys, values, votes, queries, order.kv_len_after - lo)
     layer.kv.scatter(dst, lo, result.keys, result.values)
-    paged_torch.scatter(layer.votes, dst, lo, result.votes)
+    scatter_votes(log_votes, dst, lo, result.votes.float().log())
     merged = int(result.num_merged.sum())
     stats.tokens_merged += merged
     stats.tokens_removed += int((result.num_merged + result.num_dropped).sum())

@@ -19,7 +19,13 @@ import functools
 import torch
 from vllm import _custom_ops as ops
 
-from keepkv_vllm.engine.worker_state import split_kv
+from keepkv_vllm.attention.kv_layout import page_votes
+
+
+def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM CPU layout: [nb, H, bs, 2d] pages read as keys then values, each [nb, H, bs, d]."""
+    nb, h, bs, _ = kv_cache.shape
+    return kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
 
 
 @functools.lru_cache(maxsize=16)
@@ -97,11 +103,12 @@ def strided_layout(
 
 
 class CPUPagedKV:
-    """One layer's CPU KV cache, read and written per request slot range."""
+    """One layer's CPU KV cache, read and written per request slot range (a ``PagedKV``)."""
 
     def __init__(self, kv_cache: torch.Tensor, isa: str) -> None:
         self.kv_cache = kv_cache
         self.key_cache, self.value_cache = split_kv(kv_cache)
+        self.log_votes = page_votes(kv_cache)
         nb, self.num_heads, self.block_size, self.head_dim = self.key_cache.shape
         self.isa = isa
         self.key_perm, self.value_perm = probe_layout(isa, self.block_size, self.head_dim, kv_cache.dtype)

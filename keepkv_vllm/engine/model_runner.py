@@ -1,23 +1,28 @@
-"""Model runner: executes compression orders and decouples positions from KV length.
+"""Model runners: execute compression orders and decouple positions from KV length.
 
 A compressed request has ``kv_offset`` = tokens removed from its cache. RoPE positions keep
 counting real tokens (vLLM computes them from num_computed_tokens, untouched); the slot a
 new token is written to and the attention length use ``position - kv_offset``. Orders run
 at the start of a step, before vLLM zeroes newly allocated blocks (a block the scheduler
 just freed may already be someone else's) and before the forward pass.
+
+The mixin is written against vLLM's V1 ``GPUModelRunner``; the CPU runner subclasses it,
+so the same code serves both (``KeepKVCPUModelRunner``, ``KeepKVGPUModelRunner``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from keepkv_vllm.attention.kv_layout import PagedKV, vote_bytes_per_block
 from keepkv_vllm.engine import worker_state
-from keepkv_vllm.engine.attention import VoteCPUAttentionImpl
 from keepkv_vllm.engine.compaction import (
     ORDERS_ATTR,
     CompactionStats,
@@ -27,165 +32,211 @@ from keepkv_vllm.engine.compaction import (
     WorkerTotals,
     compact_layer,
 )
-from keepkv_vllm.engine.cpu_cache import CPUPagedKV
+from keepkv_vllm.engine.memory import SideMemory, WindowGeometry, pool_bytes, rows_to_reserve, window_rows
 from keepkv_vllm.engine.settings import config_from_vllm
-from keepkv_vllm.engine.worker_state import VotedDecodeBatch, VotedRequest, WorkerCompressionState
+from keepkv_vllm.engine.window import ROWS_ATTR, QueryWindow
+from keepkv_vllm.engine.worker_state import StepPlan, VotedDecodeBatch, VotedRequest, WorkerCompressionState
 
 logger = logging.getLogger("vllm.keepkv")
 
 
 class CompressionRunnerMixin:
-    """Mixed into a vLLM GPUModelRunner subclass (the CPU runner is one)."""
+    """Mixed into a vLLM V1 GPUModelRunner subclass (the CPU runner is one)."""
 
     def _kvc_init(self) -> None:
-        config = config_from_vllm(self.vllm_config)
-        self._kvc = WorkerCompressionState(config, max_requests=self.scheduler_config.max_num_seqs)
-        self._kvc_layer_cache: list[tuple[str, torch.Tensor, CPUPagedKV]] = []
+        self._kvc = WorkerCompressionState(config_from_vllm(self.vllm_config))
         self.kvc_totals = WorkerTotals()
         self.kvc_requests = RequestLedger()
+        self.kvc_memory: SideMemory | None = None
+        self.kvc_backend: Any = None  # the attention backend class the worker registered
         worker_state.install(self._kvc)
 
-    def _kvc_layers(self) -> list[tuple[str, torch.Tensor, CPUPagedKV]]:
-        if not self._kvc_layer_cache:
-            for name, module in self.compilation_config.static_forward_context.items():
-                kv_cache = getattr(module, "kv_cache", None)
-                if isinstance(getattr(module, "impl", None), VoteCPUAttentionImpl) and isinstance(
-                    kv_cache, torch.Tensor
-                ):
-                    self._kvc_layer_cache.append((name, kv_cache, CPUPagedKV(kv_cache, module.isa)))
-        return self._kvc_layer_cache
+    def kvc_scratch_bytes(self) -> int:
+        """Fixed per-step buffers the backend allocates with the KV cache."""
+        scratch = getattr(self.kvc_backend, "scratch_bytes", None)
+        return scratch(self.vllm_config, self.device) if scratch else 0
 
-    def initialize_kv_cache(self, *args: object, **kwargs: object) -> None:
-        super().initialize_kv_cache(*args, **kwargs)  # type: ignore[misc]
-        self._kvc_layer_cache = []  # the KV tensors are new
-        layers = self._kvc_layers()
-        context = self.compilation_config.static_forward_context
-        vote_bytes, ring_bytes = self._kvc.allocate(
-            [(name, kv, context[name].impl.num_heads, context[name].impl.head_size) for name, kv, _ in layers]
-        )
-        kv_bytes = sum(kv.numel() * kv.element_size() for _, kv, _ in layers)
-        logger.info(
-            "kv compression: %.1f MiB of votes (%.1f %% of the KV cache's %.1f MiB) and %.1f MiB of "
-            "query rings (%d requests x %d queries x %d layers) beside the KV cache",
-            vote_bytes / 2**20,
-            100 * vote_bytes / max(kv_bytes, 1),
-            kv_bytes / 2**20,
-            ring_bytes / 2**20,
-            self._kvc.max_requests,
-            self._kvc.window,
-            len(layers),
-        )
+    def kvc_budget(self, budget: int) -> int:
+        """The KV budget vLLM may size its pool with, once compression's side memory is out.
 
-    def _kvc_compact(self, order: CompressionOrder) -> CompactionStats:
-        state = self._kvc
-        method = state.method_for(order.method)
-        state.votes_written |= method.writes_votes
-        stats = CompactionStats()
-        for name, kv_cache, paged in self._kvc_layers():
-            layer = LayerCache(
-                paged,
-                state.votes_for(name, kv_cache),
-                state.window_queries(name, order.req_id, order.num_computed_tokens),
+        Refuses to start (one line) when that leaves no room for one request at
+        ``--max-model-len`` although the whole budget would have held it.
+        """
+        from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
+
+        config = self._kvc.config
+        specs = self.get_kv_cache_spec()  # type: ignore[attr-defined]
+        geometry = WindowGeometry.from_vllm(self.vllm_config, config.window, len(specs))
+        rows = rows_to_reserve(
+            config.window_memory, budget, geometry.row_bytes, self.scheduler_config.max_num_seqs
+        )
+        reserve = rows * geometry.row_bytes + self.kvc_scratch_bytes()
+        # one request at --max-model-len, plus the null block vLLM holds back
+        needed = max_memory_usage_bytes(self.vllm_config, specs.values()) + sum(
+            s.page_size_bytes for s in specs.values()
+        )
+        if budget - reserve < needed <= budget:
+            mib = 2**20
+            raise ValueError(
+                f"kv compression: its side memory ({reserve / mib:.1f} MiB: query window for {rows} requests "
+                f"and scratch) leaves {(budget - reserve) / mib:.1f} MiB "
+                f"of the {budget / mib:.1f} MiB KV budget, "
+                f"less than one request at --max-model-len {self.model_config.max_model_len} needs "
+                f"({needed / mib:.1f} MiB); give more KV memory, lower --max-model-len or window_memory"
             )
-            compact_layer(layer, order, method, stats)
-        return stats
+        return budget - reserve
 
-    def _update_states(self, scheduler_output: object) -> object:
+    # -- KV cache -------------------------------------------------------------------------
+    def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)  # type: ignore[misc]
+        is_profiling = kwargs.get("is_profiling", args[0] if args else False)
         state = self._kvc
-        for req_id in scheduler_output.finished_req_ids:
+        state.layers = self._kvc_paged_layers()
+        if is_profiling:
+            return  # vLLM frees only its own tensors after a profiling cache: allocate nothing
+        rows, geometry = window_rows(state.config, self.vllm_config, kv_cache_config)
+        state.window = QueryWindow(state.config.window, rows)
+        context = self.compilation_config.static_forward_context
+        heads = [(name, context[name].impl.num_heads, context[name].impl.head_size) for name in state.layers]
+        window_bytes = state.window.allocate(heads, geometry.dtype, self.device)
+        total, num_blocks, num_layers = pool_bytes(kv_cache_config)
+        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        votes = num_blocks * num_layers * vote_bytes_per_block(spec.num_kv_heads, spec.block_size)
+        self.kvc_memory = SideMemory(total, votes, rows, window_bytes, self.kvc_scratch_bytes())
+        logger.info(
+            "kv compression: %d blocks of %d tokens; %s",
+            num_blocks,
+            spec.block_size,
+            self.kvc_memory.describe(),
+        )
+
+    def _kvc_paged_layers(self) -> dict[str, PagedKV]:
+        """Each compressed attention layer's cache, read through its backend's layout."""
+        layers = {}
+        for name, module in self.compilation_config.static_forward_context.items():
+            impl, kv_cache = getattr(module, "impl", None), getattr(module, "kv_cache", None)
+            if hasattr(impl, "paged_kv") and isinstance(kv_cache, torch.Tensor):
+                layers[name] = impl.paged_kv(module, kv_cache)
+        return layers
+
+    # -- step ----------------------------------------------------------------------------
+    def _update_states(self, scheduler_output: Any) -> Any:
+        self._kvc_lifecycle(scheduler_output)
+        orders: list[CompressionOrder] = getattr(scheduler_output, ORDERS_ATTR, None) or []
+        for order in orders:
+            self._kvc_run_order(order)
+        result = super()._update_states(scheduler_output)  # type: ignore[misc]
+        for order in orders:
+            self._kvc_adopt(order)
+        return result
+
+    def _kvc_lifecycle(self, scheduler_output: Any) -> None:
+        """Finished and preempted requests free their window rows; new ones start uncompressed."""
+        state = self._kvc
+        for req_id in (*scheduler_output.finished_req_ids, *(scheduler_output.preempted_req_ids or ())):
             state.release(req_id)
-        for req_id in scheduler_output.preempted_req_ids or ():
-            state.reset(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             state.reset(new_req.req_id)
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             state.reset(req_id)
-        orders: list[CompressionOrder] = getattr(scheduler_output, ORDERS_ATTR, None) or []
-        for order in orders:
-            start = time.perf_counter()
-            stats = self._kvc_compact(order)
-            self.kvc_totals.add(stats, time.perf_counter() - start)
-            self.kvc_requests.add(
-                order.req_id, tokens_merged=stats.tokens_merged, tokens_removed=stats.tokens_removed
-            )
-            logger.debug(
-                "compressed %s: %d -> %d slots per head (%d merged of %d removed, all layers and heads)",
-                order.req_id,
-                order.kv_len_before,
-                order.kv_len_after,
-                stats.tokens_merged,
-                stats.tokens_removed,
-            )
-        result = super()._update_states(scheduler_output)
-        for order in orders:
-            state.kv_offset[order.req_id] = order.kv_offset
-            if state.method_for(order.method).writes_votes:
-                state.voted.add(order.req_id)
-            req_state = self.requests.get(order.req_id)
-            if req_state is None:
-                continue
-            req_state.block_ids = (list(order.block_ids),)
-            index = self.input_batch.req_id_to_index.get(order.req_id)
-            if index is not None:
-                self.input_batch.block_table.add_row((list(order.block_ids),), index)
+        state.window.assign(getattr(scheduler_output, ROWS_ATTR, None) or {})
+
+    def _kvc_run_order(self, order: CompressionOrder) -> None:
+        start = time.perf_counter()
+        state = self._kvc
+        method = state.method_for(order.method)
+        state.votes_written |= method.writes_votes
+        stats = CompactionStats()
+        for name, paged in state.layers.items():
+            queries = state.window.queries(name, order.req_id, order.num_computed_tokens)
+            compact_layer(LayerCache(paged, queries.to(paged.log_votes.device)), order, method, stats)
+        self.kvc_totals.add(stats, time.perf_counter() - start)
+        self.kvc_requests.add(
+            order.req_id, tokens_merged=stats.tokens_merged, tokens_removed=stats.tokens_removed
+        )
+        logger.debug(
+            "compressed %s: %d -> %d slots per head (%d merged of %d removed, all layers and heads)",
+            order.req_id,
+            order.kv_len_before,
+            order.kv_len_after,
+            stats.tokens_merged,
+            stats.tokens_removed,
+        )
+
+    def _kvc_adopt(self, order: CompressionOrder) -> None:
+        """After vLLM's own update: the compressed request's offset and shorter block list."""
+        state = self._kvc
+        state.kv_offset[order.req_id] = order.kv_offset
+        if state.method_for(order.method).writes_votes:
+            state.voted.add(order.req_id)
+        req_state = self.requests.get(order.req_id)
+        if req_state is None:
+            return
+        req_state.block_ids = (list(order.block_ids),)
+        index = self.input_batch.req_id_to_index.get(order.req_id)
+        if index is not None:
+            self.input_batch.block_table.add_row((list(order.block_ids),), index)
+
+    def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)  # type: ignore[misc]
+        self._kvc.step = self._kvc_plan(
+            np.asarray(num_scheduled_tokens[: self.input_batch.num_reqs], np.int64)
+        )
         return result
 
-    def _prepare_inputs(self, scheduler_output: object, num_scheduled_tokens: np.ndarray) -> object:
-        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_model(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._kvc.step = None  # a dummy or warm-up forward must not read this step's plan
+
+    def _kvc_plan(self, n_tok: np.ndarray) -> StepPlan:
+        """This step's plan: window rows, and KV lengths and slots of compressed requests."""
         state = self._kvc
-        num_reqs = self.input_batch.num_reqs
+        num_reqs = len(n_tok)
         req_ids = self.input_batch.req_ids[:num_reqs]
-        n_tok = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
         computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
-        total = int(n_tok.sum())
-        ends = np.cumsum(n_tok)
-        starts = ends - n_tok
-        req_idx = np.repeat(np.arange(num_reqs), n_tok)
-        pos = computed[req_idx] + (np.arange(total) - starts[req_idx])
-        seq_end = computed + n_tok
-
-        # observation window: the last W tokens of each request in this step
-        w = state.window
-        # a request without a ring row (more requests than max_num_seqs) is never compressed
-        rows = np.array([-1 if (row := state.row(r)) is None else row for r in req_ids], dtype=np.int64)
-        keep = (pos >= seq_end[req_idx] - w) & (rows[req_idx] >= 0)
-        state.ring_src = torch.from_numpy(np.flatnonzero(keep))
-        state.ring_dst = torch.from_numpy(rows[req_idx][keep] * w + pos[keep] % w)
-
+        src, dst = state.window.plan(req_ids, n_tok, computed)
         offsets = np.array([state.kv_offset.get(r, 0) for r in req_ids], dtype=np.int64)
-        state.voted_in_step = []
-        state.voted_decode = None
+        voted: list[VotedRequest] = []
         if offsets.any():
-            off = torch.from_numpy(offsets)
-            self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
-            self.optimistic_seq_lens_cpu[:num_reqs] -= off.to(self.optimistic_seq_lens_cpu.dtype)
-            kv_positions = self.positions[:total] - torch.from_numpy(offsets[req_idx]).to(
-                self.positions.device
-            )
-            self.input_batch.block_table.compute_slot_mapping(
-                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], kv_positions
-            )
-            decodes = []
+            self._kvc_shift_kv_positions(offsets, n_tok)
+            ends = np.cumsum(n_tok)
             for i, req_id in enumerate(req_ids):
                 if req_id in state.voted:
                     block_ids = torch.tensor(self.requests[req_id].block_ids[0], dtype=torch.long)
-                    voted = VotedRequest(
-                        int(starts[i]), int(ends[i]), block_ids, int(seq_end[i] - offsets[i])
-                    )
-                    (decodes if n_tok[i] == 1 else state.voted_in_step).append(voted)
-            state.voted_decode = self._kvc_decode_batch(decodes)
-        return result
+                    seq_len = int(computed[i] + n_tok[i] - offsets[i])
+                    voted.append(VotedRequest(int(ends[i] - n_tok[i]), int(ends[i]), block_ids, seq_len))
+        device = self.device
+        return StepPlan(
+            num_tokens=int(n_tok.sum()),
+            window_src=torch.from_numpy(src).to(device),
+            window_dst=torch.from_numpy(dst).to(device),
+            voted=voted,
+            voted_decode=self._kvc_decode_batch(voted),
+        )
 
-    def _kvc_decode_batch(self, decodes: list[VotedRequest]) -> VotedDecodeBatch | None:
-        """One padded block plan for every voted decode request, reused by all layers."""
-        layers = self._kvc_layers()
-        if not decodes:
+    def _kvc_shift_kv_positions(self, offsets: np.ndarray, n_tok: np.ndarray) -> None:
+        """Attention lengths and slot mapping of compressed requests count slots, not tokens."""
+        num_reqs = len(offsets)
+        off = torch.from_numpy(offsets)
+        self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
+        self.optimistic_seq_lens_cpu[:num_reqs] -= off.to(self.optimistic_seq_lens_cpu.dtype)
+        total = int(n_tok.sum())
+        token_offsets = torch.from_numpy(np.repeat(offsets, n_tok)).to(self.positions.device)
+        kv_positions = self.positions[:total] - token_offsets
+        self.input_batch.block_table.compute_slot_mapping(
+            num_reqs, self.query_start_loc.gpu[: num_reqs + 1], kv_positions
+        )
+
+    def _kvc_decode_batch(self, voted: list[VotedRequest]) -> VotedDecodeBatch | None:
+        """One padded block plan for every voted one-token row, reused by all layers (the CPU
+        backend's batched torch path; a layout that cannot read whole blocks goes per request)."""
+        decodes = [r for r in voted if r.token_end - r.token_start == 1]
+        first = next(iter(self._kvc.layers.values()), None)
+        if not decodes or not getattr(first, "reads_blocks", False):
             return None
-        paged = layers[0][2]
-        if not paged.reads_blocks:  # a layout strided views cannot read: the per-request path
-            self._kvc.voted_in_step.extend(decodes)
-            return None
-        bs = paged.block_size
+        bs = first.block_size
         width = max(-(-r.seq_len // bs) for r in decodes)
         block_index = torch.zeros(len(decodes), width, dtype=torch.long)
         valid = torch.zeros(len(decodes), width * bs, dtype=torch.bool)
@@ -198,6 +249,14 @@ class CompressionRunnerMixin:
 
 
 class KeepKVCPUModelRunner(CompressionRunnerMixin, CPUModelRunner):
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kvc_init()
+
+
+class KeepKVGPUModelRunner(CompressionRunnerMixin, GPUModelRunner):
+    """vLLM's V1 GPU runner with compression (the worker selects V1; see worker.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._kvc_init()

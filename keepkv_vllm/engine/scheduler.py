@@ -32,7 +32,9 @@ from vllm.v1.request import Request, RequestStatus
 
 from keepkv_vllm.config import ConfigError, RequestOptions, parse_request_options
 from keepkv_vllm.engine.compaction import ORDERS_ATTR, CompressionOrder, RequestLedger
+from keepkv_vllm.engine.memory import window_rows
 from keepkv_vllm.engine.settings import config_from_vllm
+from keepkv_vllm.engine.window import ROWS_ATTR, RowTable
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -49,6 +51,7 @@ class CompressionCounters:
     admissions_enabled: int = 0  # waiting requests admitted thanks to compression
     preemptions: int = 0  # preemptions vLLM still made (last resort)
     requests_compressed: int = 0  # distinct requests compressed at least once
+    requests_without_window: int = 0  # admitted while every window row was taken: never compressible
     compression_time_s: float = 0.0  # scheduler-side time (bookkeeping), not the worker's
 
     def as_dict(self) -> dict[str, float]:
@@ -77,16 +80,23 @@ class KeepKVScheduler(Scheduler):
         self._step_tokens: dict[str, int] = {}
         self._compressed_ids: set[str] = set()
         self._request_options: dict[str, RequestOptions] = {}  # parsed once per request
+        # the query window: rows for as many requests as the memory plan allows (engine/memory.py);
+        # a row's queries are valid from the first token computed after it was assigned
+        num_rows, _ = window_rows(self.kvc, self.vllm_config, self.kv_cache_config)
+        self.window_rows = RowTable(num_rows)
+        self._window_from: dict[str, int] = {}
         self.counters = CompressionCounters()
         self.request_ledger = RequestLedger()  # per request: compressions, slots removed
         logger.info(
-            "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d",
+            "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d "
+            "window rows=%d",
             self.kvc.method,
             self.kvc.budget,
             self.kvc.trigger,
             self.kvc.watermark,
             self._block_size,
             self._total_blocks,
+            num_rows,
         )
 
     # -- step ---------------------------------------------------------------------
@@ -100,6 +110,7 @@ class KeepKVScheduler(Scheduler):
             order.block_ids = [b.block_id for b in self._blocks.req_to_blocks[req_id]]
             orders.append(order)
         setattr(output, ORDERS_ATTR, orders)
+        setattr(output, ROWS_ATTR, self.window_rows.take_new())
         return output
 
     def _compress_proactively(self) -> None:
@@ -134,7 +145,23 @@ class KeepKVScheduler(Scheduler):
             self.counters.blocks_allocated += sum(len(group) for group in blocks.blocks)
             lookahead = kwargs.get("num_lookahead_tokens", 0) or 0
             self._step_tokens[request.request_id] = num_new_tokens + int(lookahead)
+            if request.request_id not in self.window_rows.row_of:
+                self._assign_window(request, *args, **kwargs)
         return blocks
+
+    def _assign_window(self, request: Request, *args: object, **kwargs: object) -> None:
+        """A window row for a request that could ever return a block by compressing."""
+        longest = request.num_prompt_tokens + request.max_tokens
+        target = self._target_for(request, longest)
+        if target is None or target + self._block_size > longest:
+            return
+        if self.window_rows.assign(request.request_id) is None:
+            self.counters.requests_without_window += 1
+            return
+        # its first computed token: after the prefix-cache hits of this allocation
+        hits = (args[0] if args else kwargs.get("num_new_computed_tokens", 0)) or 0
+        external = kwargs.get("num_external_computed_tokens", 0) or 0
+        self._window_from[request.request_id] = request.num_computed_tokens + int(hits) + int(external)
 
     def _try_allocate(self, request: Request, num_new_tokens: int, *args: object, **kwargs: object) -> object:
         offset = self.kv_offset.get(request.request_id, 0)
@@ -169,17 +196,23 @@ class KeepKVScheduler(Scheduler):
 
     def _target(self, request: Request) -> int | None:
         """Slots this request keeps after compression, or None if it opted out."""
+        return self._target_for(request, request.num_computed_tokens)
+
+    def _target_for(self, request: Request, num_tokens: int) -> int | None:
         options = self._options(request)
         if not options.enabled:
             return None
-        return self.kvc.target_tokens(request.num_computed_tokens, options.budget)
+        return self.kvc.target_tokens(num_tokens, options.budget)
 
     def _reclaimable(self, request: Request) -> int:
         """Blocks a compression of this request would return now (0: not eligible)."""
         if request.status != RequestStatus.RUNNING or request.request_id in self._orders:
             return 0
-        if request.num_computed_tokens < max(request.num_prompt_tokens, self.kvc.window):
+        if request.num_computed_tokens < request.num_prompt_tokens:
             return 0  # still in prefill: its queries are not all seen
+        window_from = self._window_from.get(request.request_id)
+        if window_from is None or request.num_computed_tokens - window_from < self.kvc.window:
+            return 0  # no window row, or fewer than W queries recorded in it
         target = self._target(request)
         if target is None:
             return 0
@@ -268,4 +301,6 @@ class KeepKVScheduler(Scheduler):
         self._orders.pop(request.request_id, None)
         self._compressed_ids.discard(request.request_id)
         self._request_options.pop(request.request_id, None)
+        self.window_rows.release(request.request_id)
+        self._window_from.pop(request.request_id, None)
         super()._free_request_blocks(request)

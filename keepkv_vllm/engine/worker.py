@@ -1,28 +1,105 @@
-"""Worker that builds the keepkv model runner and attention backend (set as worker_cls)."""
+"""Workers that build the keepkv model runner and attention backend (set as worker_cls).
+
+- ``KeepKVCPUWorker``: vLLM's CPU worker; the vote-weighted CPU backend over ``CPU_ATTN``.
+- ``KeepKVGPUWorker``: vLLM's GPU worker with the V1 model runner and the FlashAttention-layout
+  vote backend (flash_attention.py) as vLLM's ``CUSTOM`` backend; before serving, a
+  self-check runs the Triton kernels on this GPU against torch (kernels/gpu_check.py).
+
+Both take compression's side memory (the query window, fixed scratch) out of the KV budget
+before vLLM sizes its pool from it (engine/memory.py).
+"""
 
 from __future__ import annotations
+
+import logging
+import os
+from typing import Any
 
 import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker
 
-from keepkv_vllm.engine.model_runner import KeepKVCPUModelRunner
+from keepkv_vllm.engine.model_runner import KeepKVCPUModelRunner, KeepKVGPUModelRunner
 
-VOTE_BACKEND = "keepkv_vllm.engine.attention.VoteCPUAttentionBackend"
+logger = logging.getLogger("vllm.keepkv")
+
+CPU_BACKEND = "keepkv_vllm.engine.cpu_attention.VoteCPUAttentionBackend"
+FLASH_BACKEND = "keepkv_vllm.engine.flash_attention.KeepKVFlashAttentionBackend"
+#: test setting: the CPU worker serves through the GPU backend, its Triton kernels run by
+#: Triton's interpreter (TRITON_INTERPRET=1); proves the GPU path's Python in CI
+BACKEND_ENV = "KEEPKV_ATTENTION_BACKEND"
 
 
-class KeepKVCPUWorker(CPUWorker):
-    def __init__(self, *args: object, **kwargs: object) -> None:
+class CompressionWorkerMixin:
+    """What both workers add: the memory accounting and the counters' RPC targets."""
+
+    def determine_available_memory(self) -> int:
+        budget = super().determine_available_memory()  # type: ignore[misc]
+        available = self.model_runner.kvc_budget(budget)
+        logger.info(
+            "kv compression: %.1f MiB of the %.1f MiB KV budget go to the query window and scratch",
+            (budget - available) / 2**20,
+            budget / 2**20,
+        )
+        return available
+
+    def kv_compression_worker_stats(self) -> dict[str, float]:
+        """Cumulative compaction counters and memory (collective_rpc target for the API server)."""
+        runner = self.model_runner
+        stats = runner.kvc_totals.as_dict()
+        stats["vote_attention_seconds"] = runner._kvc.vote_attention_seconds
+        if runner.kvc_memory is not None:
+            stats.update({f"memory_{k}": v for k, v in runner.kvc_memory.as_dict().items()})
+        return stats
+
+    def kv_compression_vote_check(self) -> dict[str, int]:
+        """Scan every stored log-vote (free blocks included): each vote must be > 0 and finite.
+
+        A full pass over the vote regions, so only on request (``?check_votes=1``), never in
+        the once-a-second metrics poll.
+        """
+        votes = [paged.log_votes for paged in self.model_runner._kvc.layers.values()]
+        return {
+            "votes_nonpositive": sum(int((v == float("-inf")).sum()) for v in votes),
+            "votes_nonfinite": sum(int(torch.isnan(v).sum() + (v == float("inf")).sum()) for v in votes),
+            "vote_layers": len(votes),
+        }
+
+    def kv_compression_request_stats(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Per-request tokens merged/removed over all layers and heads (collective_rpc target)."""
+        return self.model_runner.kvc_requests.get(req_ids)
+
+
+def cpu_backend_choice() -> tuple[str, Any]:
+    """(class path, class) of the backend the CPU worker serves with."""
+    choice = os.environ.get(BACKEND_ENV, "cpu")
+    if choice == "cpu":
+        from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionBackend
+
+        return CPU_BACKEND, VoteCPUAttentionBackend
+    if choice == "flash":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{BACKEND_ENV}=flash on a CPU needs TRITON_INTERPRET=1 (Triton's interpreter)"
+            )
+        from keepkv_vllm.engine.flash_attention import KeepKVFlashAttentionBackend
+
+        return FLASH_BACKEND, KeepKVFlashAttentionBackend
+    raise RuntimeError(f"{BACKEND_ENV} must be 'cpu' or 'flash', got {choice!r}")
+
+
+class KeepKVCPUWorker(CompressionWorkerMixin, CPUWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        path, self._kvc_backend = cpu_backend_choice()
         # vLLM resolves the CPU backend by this enum's (overridable) class path.
-        register_backend(AttentionBackendEnum.CPU_ATTN, VOTE_BACKEND)
+        register_backend(AttentionBackendEnum.CPU_ATTN, path)
         super().__init__(*args, **kwargs)
 
     def init_device(self) -> None:
         if self.use_v2_model_runner:
-            raise RuntimeError(
-                "kv compression supports vLLM's V1 model runner only (VLLM_USE_V2_MODEL_RUNNER=0)"
-            )
+            raise RuntimeError("kv compression runs on vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
         # CPUWorker.init_device builds `CPUModelRunner` by its module-global name; point that
         # name at our subclass for the duration of the call instead of copying the method.
         original = cpu_worker.CPUModelRunner
@@ -31,26 +108,45 @@ class KeepKVCPUWorker(CPUWorker):
             super().init_device()
         finally:
             cpu_worker.CPUModelRunner = original
+        self.model_runner.kvc_backend = self._kvc_backend
 
-    def kv_compression_worker_stats(self) -> dict[str, float]:
-        """Cumulative compaction counters (collective_rpc target for the API server)."""
-        stats = self.model_runner.kvc_totals.as_dict()
-        stats["vote_attention_seconds"] = self.model_runner._kvc.vote_attention_seconds
-        return stats
 
-    def kv_compression_vote_check(self) -> dict[str, int]:
-        """Scan every stored vote (free blocks included): each must be > 0 and finite.
+class KeepKVGPUWorker(CompressionWorkerMixin, Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        register_backend(AttentionBackendEnum.CUSTOM, FLASH_BACKEND)
+        super().__init__(*args, **kwargs)
 
-        A full pass over the vote tensors, so only on request (``?check_votes=1``), never in
-        the once-a-second metrics poll.
-        """
-        votes = list(self.model_runner._kvc.votes.values())
-        return {
-            "votes_nonpositive": sum(int((v <= 0).sum()) for v in votes),
-            "votes_nonfinite": sum(int((~torch.isfinite(v)).sum()) for v in votes),
-            "vote_layers": len(votes),
-        }
+    def _make_model_runner(self) -> KeepKVGPUModelRunner:
+        # Model Runner V2 has no _update_states/_prepare_inputs, where compression hooks in;
+        # the plugin selects V1 (VLLM_USE_V2_MODEL_RUNNER=0) whenever compression is on.
+        if self.use_v2_model_runner:
+            raise RuntimeError("kv compression runs on vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+        from keepkv_vllm.engine.flash_attention import KeepKVFlashAttentionBackend
 
-    def kv_compression_request_stats(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
-        """Per-request tokens merged/removed over all layers and heads (collective_rpc target)."""
-        return self.model_runner.kvc_requests.get(req_ids)
+        runner = KeepKVGPUModelRunner(self.vllm_config, self.device)
+        runner.kvc_backend = KeepKVFlashAttentionBackend
+        return runner
+
+    def initialize_from_config(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().initialize_from_config(kv_cache_config, *args, **kwargs)
+        self._kvc_self_check(kv_cache_config)
+        return result
+
+    def _kvc_self_check(self, kv_cache_config: Any) -> None:
+        """The kernels on this GPU, with the served shapes, against torch; refuse to serve on a miss."""
+        from keepkv_vllm.kernels.gpu_check import SelfCheckError, self_check
+
+        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        model = self.vllm_config.model_config
+        try:
+            report = self_check(
+                dtype=model.dtype,
+                head_size=spec.head_size,
+                block_size=spec.block_size,
+                num_q_heads=model.get_num_attention_heads(self.vllm_config.parallel_config),
+                num_kv_heads=spec.num_kv_heads,
+                device=self.device,
+            )
+        except SelfCheckError as e:
+            raise RuntimeError(f"kv compression GPU self-check failed: {e}") from None
+        logger.info("kv compression GPU self-check passed: %s", report)

@@ -7,7 +7,7 @@ For each decode shape (batch x context, Llama-3.1-8B attention: 32 query heads, 
 head_dim 128, bf16, block size 16) it checks the kernel against a float32 torch reference on
 the same paged data, then times it next to torch's scaled_dot_product_attention on the same
 (unpaged, contiguous) keys and values, and reports the kernel's achieved memory bandwidth
-(K + V + votes bytes read / time) as a fraction of the card's measured copy bandwidth.
+(K + V + log-vote bytes read / time) as a fraction of the card's measured copy bandwidth.
 Prints a markdown table; ``--json`` also writes the rows.
 """
 
@@ -56,7 +56,7 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
 def make_decode(
     batch: int, context: int, h_q: int, h_kv: int, d: int, block_size: int, dtype: torch.dtype, device: str
 ) -> dict[str, torch.Tensor]:
-    """A decode batch over a paged cache with shuffled block tables and votes in [1, 4)."""
+    """A decode batch over a paged cache with shuffled block tables and votes in [1, 4) (as log p)."""
     g = torch.Generator(device="cpu").manual_seed(batch * 7919 + context)
     blocks_per_seq = (context + block_size - 1) // block_size
     num_blocks = batch * blocks_per_seq
@@ -65,7 +65,7 @@ def make_decode(
         query=torch.randn(batch, h_q, d, generator=g).to(dtype).to(device),
         key_cache=torch.randn(*shape, generator=g).to(dtype).to(device),
         value_cache=torch.randn(*shape, generator=g).to(dtype).to(device),
-        votes=(1 + 3 * torch.rand(num_blocks, h_kv, block_size, generator=g)).to(device),
+        log_votes=(1 + 3 * torch.rand(num_blocks, h_kv, block_size, generator=g)).log().to(device),
         block_table=torch.randperm(num_blocks, generator=g).view(batch, -1).to(torch.int32).to(device),
         seq_lens=torch.full((batch,), context, dtype=torch.int32, device=device),
         query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
@@ -75,7 +75,7 @@ def make_decode(
 def reference(inputs: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     """float32 torch reference on the same paged data (gathers each sequence)."""
     query, key_cache, value_cache = inputs["query"], inputs["key_cache"], inputs["value_cache"]
-    votes, table, seq_lens = inputs["votes"], inputs["block_table"], inputs["seq_lens"]
+    log_votes, table, seq_lens = inputs["log_votes"], inputs["block_table"], inputs["seq_lens"]
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     group = query.shape[1] // key_cache.shape[2]
     for b in range(query.shape[0]):
@@ -83,9 +83,9 @@ def reference(inputs: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
         blocks = table[b]
         k = key_cache[blocks].flatten(0, 1)[:n].float()  # [n, H_kv, d]
         v = value_cache[blocks].flatten(0, 1)[:n].float()
-        p = votes[blocks].transpose(1, 2).flatten(0, 1)[:n].float()  # [n, H_kv]
-        k, v, p = (x.repeat_interleave(group, dim=1) for x in (k, v, p))
-        logits = torch.einsum("hd,nhd->hn", query[b].float(), k) * scale + p.log().T
+        lp = log_votes[blocks].transpose(1, 2).flatten(0, 1)[:n].float()  # [n, H_kv]
+        k, v, lp = (x.repeat_interleave(group, dim=1) for x in (k, v, lp))
+        logits = torch.einsum("hd,nhd->hn", query[b].float(), k) * scale + lp.T
         out[b] = torch.einsum("hn,nhd->hd", logits.softmax(-1), v)
     return out
 
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.batches, args.contexts, args.iters = [2], [64], 1
         args.q_heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 32, "float32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     rows = run(args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -2,9 +2,12 @@
 
     out[t, h] = softmax_j(q[t, h] . k_j * scale + log p_j) @ V   over the request's slots j
 
-Keys/values are read through a block table from a paged cache of any strides (vLLM's GPU
-layout [num_blocks, block_size, H_kv, d] or the plain [num_blocks, H_kv, block_size, d]),
-votes from a [num_blocks, H_kv, block_size] tensor (any strides). One program handles
+Keys/values are read through a block table from a paged cache of any strides (vLLM's
+FlashAttention layout [num_blocks, block_size, H_kv, d] or the plain [num_blocks, H_kv,
+block_size, d]), log-votes ``log p`` from a [num_blocks, H_kv, block_size] float32 tensor of
+any strides (the engine keeps them in each block's page padding; 0 = vote 1, unmerged).
+Storing log p, not p, saves a logarithm per slot and step, and the zeroed padding of a
+fresh cache already reads as "no merges". One program handles
 BLOCK_Q query tokens x the GROUP query heads of one kv-head (GQA: keys are loaded once per
 kv-head) over one split of the KV range; with NUM_SPLITS > 1, partial (max, sum, acc) go
 to a fixed workspace and a second kernel combines them, so one long request still fills the
@@ -123,8 +126,10 @@ def _vote_attention_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         if USE_VOTES:
-            p = tl.load(P + blk * stride_pb + kv_head * stride_ph + off * stride_ps, mask=slot_ok, other=1.0)
-            s += tl.log(p.to(tl.float32))[None, :]
+            log_p = tl.load(
+                P + blk * stride_pb + kv_head * stride_ph + off * stride_ps, mask=slot_ok, other=0.0
+            )
+            s += log_p.to(tl.float32)[None, :]
         visible = (slots[None, :] <= q_pos[:, None]) & slot_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -136,7 +141,7 @@ def _vote_attention_kernel(
 
     token = q_start + tok
     if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows (seq_len 0) write zeros
         tl.store(
             OUT + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
             out.to(OUT.dtype.element_ty),
@@ -172,7 +177,8 @@ def _combine_splits_kernel(
     acc = tl.load(WS_ACC + (base + splits)[:, None] * D_PAD + dims[None, :])
     m_max = tl.max(m, axis=0)
     w = tl.exp(m - m_max)  # empty splits carry _NEG and weigh 0
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    denom = tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(
         OUT + token * stride_ot + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dims < HEAD_DIM
     )
@@ -189,6 +195,10 @@ class Workspace:
     m: torch.Tensor
     l: torch.Tensor  # noqa: E741
     acc: torch.Tensor
+
+    @staticmethod
+    def nbytes(max_tokens: int, num_q_heads: int, head_dim: int, num_splits: int) -> int:
+        return max_tokens * num_q_heads * num_splits * (2 + _d_pad(head_dim)) * 4
 
     @classmethod
     def allocate(
@@ -214,7 +224,7 @@ def vote_paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    votes: torch.Tensor | None,
+    log_votes: torch.Tensor | None,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -230,7 +240,7 @@ def vote_paged_attention(
 
     key_cache/value_cache: [num_blocks, block_size, H_kv, d] (vLLM GPU, "NHD") or any tensor whose
     dims are (block, slot-in-block, kv-head, dim) after ``.permute``; pass the permuted view.
-    votes: [num_blocks, H_kv, block_size] float (None: all ones, plain paged attention).
+    log_votes: [num_blocks, H_kv, block_size] float32 log p (None: every vote 1, plain paged attention).
     block_table [num_seqs, max_blocks] int32; seq_lens [num_seqs] (slots incl. this step's);
     query_start_loc [num_seqs + 1]. ``max_query_len`` is a host int (no sync): 1 for decode.
     """
@@ -256,8 +266,8 @@ def vote_paged_attention(
         ws = (workspace.m, workspace.l, workspace.acc)
     else:
         ws = (out, out, out)  # unused
-    pv = votes if votes is not None else key_cache  # unused pointer when USE_VOTES is False
-    p_strides = votes.stride() if votes is not None else (0, 0, 0)
+    pv = log_votes if log_votes is not None else key_cache  # unused pointer when USE_VOTES is False
+    p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     _vote_attention_kernel[grid](
         query,
@@ -293,7 +303,7 @@ def vote_paged_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        USE_VOTES=votes is not None,
+        USE_VOTES=log_votes is not None,
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): upcast
         # there only; on a GPU bf16 tiles go to the tensor cores as they are.
         UPCAST=query.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret),
@@ -312,3 +322,99 @@ def vote_paged_attention(
             NUM_SPLITS=num_splits,
         )
     return out
+
+
+@triton.jit
+def _store_kv_kernel(
+    KEY,
+    VALUE,
+    K_CACHE,
+    V_CACHE,
+    P,
+    SLOTS,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    H_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    RESET_VOTES: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    if slot >= 0:  # -1: padding token, nothing to write
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        heads = tl.arange(0, H_PAD)
+        dims = tl.arange(0, D_PAD)
+        head_ok = heads < num_kv_heads
+        mask = head_ok[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(KEY + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
+        v = tl.load(VALUE + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+        k_dst = K_CACHE + blk * stride_kcb + off * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
+        v_dst = V_CACHE + blk * stride_vcb + off * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
+        tl.store(k_dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
+        tl.store(v_dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
+        if RESET_VOTES:  # a fresh token has vote 1 (log 0), also in a reused block
+            tl.store(P + blk * stride_pb + heads * stride_ph + off * stride_ps, 0.0, mask=head_ok)
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    log_votes: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write this step's keys/values [num_tokens, H_kv, d] into their slots and reset their votes.
+
+    ``slot_mapping`` [n] (n <= num_tokens; -1 = padding, skipped) gives block * block_size +
+    offset; caches as in ``vote_paged_attention``. One program per token, no host sync: the
+    same launch serves eager steps and captured graphs.
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("the head dimension of key and value must be contiguous")
+    pv = log_votes if log_votes is not None else key_cache
+    p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
+    _store_kv_kernel[(n,)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        pv,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
+        *p_strides,
+        num_kv_heads,
+        HEAD_DIM=head_dim,
+        D_PAD=_d_pad(head_dim),
+        H_PAD=triton.next_power_of_2(num_kv_heads),
+        BLOCK_SIZE=block_size,
+        RESET_VOTES=log_votes is not None,
+    )

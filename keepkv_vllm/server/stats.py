@@ -25,7 +25,13 @@ def engine_core_stats(engine_core: Any) -> dict[str, Any]:
             "waiting": len(scheduler.waiting),
             "compressed_running": len(getattr(scheduler, "kv_offset", {})),
         },
+        "window": _window_rows(scheduler),
     }
+
+
+def _window_rows(scheduler: Any) -> dict[str, int]:
+    rows = getattr(scheduler, "window_rows", None)
+    return {} if rows is None else {"rows": rows.num_rows, "rows_free": rows.free}
 
 
 def engine_core_request_stats(
