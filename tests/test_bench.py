@@ -17,7 +17,7 @@ def test_keepkv_bench_runs_both_servers_and_reports_ratios(tmp_path):
     throughput.main(
         [
             "--num-prompts", "2", "--prompt-tokens", "300", "--output-tokens", "8",
-            "--budgets", "0.5", "--kv-blocks", "17", "--out", str(out),
+            "--budgets", "0.5", "--kv-blocks", "17", "--out", str(out), "--enforce-eager",
         ]
     )  # fmt: skip
     rows = json.loads((out / "bench.json").read_text())["rows"]
@@ -26,6 +26,11 @@ def test_keepkv_bench_runs_both_servers_and_reports_ratios(tmp_path):
     for r in rows:
         assert r["completed"] == 2 and r["output_tokens"] == 16
         assert r["ttft_p50_s"] > 0 and r["tpot_p50_s"] > 0
+    # equal memory: the compressed server's votes and window come out of the same bytes
+    stock, keepkv = rows
+    assert stock["side_bytes"] == 0 and stock["vote_bytes"] == 0
+    assert keepkv["side_bytes"] > 0 and keepkv["vote_bytes"] > 0
+    assert keepkv["pool_blocks"] < stock["pool_blocks"]
     assert (out / "bench.md").read_text().startswith("| run |")
     assert (out / "bench.png").stat().st_size > 1000
 

@@ -1,7 +1,9 @@
 """keepkv-bench: stock vLLM vs KV compression at equal KV memory, over real HTTP.
 
 Starts the real OpenAI server (``vllm serve``) once stock and once per method, all with the
-same model and the same KV pool, and drives each with the same needle workload through the
+same model and the same KV memory (``--kv-cache-memory-bytes``: a compressed server's votes,
+query window and scratch come out of those bytes, so its pool has fewer blocks; each row
+reports its pool and the memory beside it), and drives each with the same needle workload through the
 ``openai`` client (streaming, so TTFT and TPOT are measured). Budgets are set per request
 (``vllm_xargs.kv_budget``), so one compressed server covers every budget. Reports, per run
 and as ratios to stock from the same invocation: output tokens/s, requests/s, TTFT and TPOT
@@ -110,6 +112,9 @@ def measure(
         "vote_attention_s": worker(after, "vote_attention_seconds")
         - worker(before, "vote_attention_seconds"),
         "needle_score": sum(r.passcode_found for r in results) / len(results),
+        "pool_blocks": after.get("kv_cache", {}).get("total_blocks", 0),
+        "side_bytes": worker(after, "memory_window_bytes") + worker(after, "memory_scratch_bytes"),
+        "vote_bytes": worker(after, "memory_vote_bytes"),
         "completed": sum(r.finish_reason in ("length", "stop") for r in results),
     }
 
@@ -168,13 +173,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| run | out tok/s | x stock | req/s | TTFT p50/p99 s | TPOT p50/p99 ms | preempt | peak running |"
-        " blocks freed | needle |"
+        "| run | pool blocks | beside pool MiB | votes MiB | out tok/s | x stock | req/s | TTFT p50/p99 s |"
+        " TPOT p50/p99 ms | preempt | peak running | blocks freed | needle |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    mib = 2**20
     for r in rows:
         lines.append(
-            f"| {r['label']} | {r['output_tok_s']:.1f} | {r['throughput_ratio']:.2f} | {r['req_s']:.3f} | "
+            f"| {r['label']} | {r['pool_blocks']} | {r['side_bytes'] / mib:.1f} | {r['vote_bytes'] / mib:.1f} | "
+            f"{r['output_tok_s']:.1f} | {r['throughput_ratio']:.2f} | {r['req_s']:.3f} | "
             f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | {1e3 * r['tpot_p50_s']:.0f} / "
             f"{1e3 * r['tpot_p99_s']:.0f} | {r['preemptions']:.0f} | {r['peak_running']} | "
             f"{r['blocks_freed']} | {100 * r['needle_score']:.0f}% |"
@@ -219,19 +226,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in the prompt (0..1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-blocks", type=int, default=38, help="KV pool size in blocks (same for every server)")
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=38,
+        help="KV memory, in stock blocks' bytes; every server gets the same bytes",
+    )
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--kv-bytes-per-token", type=int, default=SMOLLM2_KV_BYTES_PER_TOKEN)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-model-len", type=int, default=None, help="default: what the pool holds, <= 4096")
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + output tokens + a block")
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="skip torch.compile (faster startup; numbers are then not how users serve)",
+    )
     p.add_argument(
         "--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)"
     )
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     args = p.parse_args(argv)
     if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
-        args.max_model_len = min(4096, (args.kv_blocks - 1) * args.block_size)
+        args.max_model_len = args.prompt_tokens + args.output_tokens + args.block_size
     rows = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(
