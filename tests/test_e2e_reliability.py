@@ -201,7 +201,9 @@ def test_every_kept_request_gets_exactly_its_tokens(soak):
 def test_nothing_leaks(soak):
     _, _, summary = soak
     kv, requests = summary["after"]["kv_cache"], summary["after"]["requests"]
-    assert kv["free_blocks"] == kv["total_blocks"] == POOL_BLOCKS - 1
+    # 3 query-window rows (3 x 552,960 bytes) out of the 58,982,400 given leave 19 bf16 pages of
+    # 30 x 99,840 bytes (votes in each): 18 usable beside vLLM's null block
+    assert kv["free_blocks"] == kv["total_blocks"] == 19 - 1
     assert requests == {"running": 0, "waiting": 0, "compressed_running": 0}
     assert summary["cancelled"] >= 0.07 * NUM_REQUESTS
 

@@ -23,7 +23,12 @@ from keepkv_vllm.bench.workload import run_concurrent
 
 pytestmark = pytest.mark.slow
 
-POOL_BLOCKS = 38
+POOL_BLOCKS = 38  # the KV memory every server gets, in stock blocks' bytes: 224,133,120 bytes
+# keepkv's share of the same bytes (engine/memory.py): 9 query-window rows reserved (9 x 552,960
+# bytes: 16 queries x 30 layers x 9 heads x 64 x bf16) leave 219,156,480 bytes = 36 pages of
+# 30 x 198,144 bytes (K/V + 1,536 bytes of float32 votes each); that pool carries 7 rows.
+KEEPKV_POOL_BLOCKS = 36
+KEEPKV_WINDOW_ROWS = 7
 PROMPT_TOKENS = 1535  # one slot short of 12 blocks: every request needs a 13th while decoding
 OUTPUT_TOKENS = 64
 NUM_REQUESTS = 8
@@ -134,9 +139,10 @@ def test_needle_is_found_at_a_30_percent_budget(runs):
 
 
 def test_free_blocks_return_to_their_starting_value(runs):
-    for run in runs.values():
+    for label, run in runs.items():
         kv = run["stats"]["kv_cache"]
-        assert kv["total_blocks"] == POOL_BLOCKS - 1  # one block is vLLM's null block
+        blocks = POOL_BLOCKS if label == "stock" else KEEPKV_POOL_BLOCKS
+        assert kv["total_blocks"] == blocks - 1  # one block is vLLM's null block
         assert kv["free_blocks"] == kv["total_blocks"]
         assert run["stats"]["requests"] == {"running": 0, "waiting": 0, "compressed_running": 0}
 
@@ -156,13 +162,27 @@ def test_counters_on_metrics_and_info_log(servers, runs):
     log = Path(keepkv.log.name).read_text()
     assert "KV compression enabled: method=keepkv" in log
     assert "kv compression (keepkv): request" in log
-    # votes and query rings are allocated at startup beside the KV cache, and reported
-    sizes = re.search(
-        r"kv compression: ([\d.]+) MiB of votes \(([\d.]+) % of the KV cache's ([\d.]+) MiB\)", log
+    # votes (in the pages) and the query window come out of the same bytes, and are reported
+    line = re.search(
+        r"kv compression: (\d+) blocks of 128 tokens; KV pool ([\d.]+) MiB including ([\d.]+) MiB of votes; "
+        r"beside it ([\d.]+) MiB: query window ([\d.]+) MiB \((\d+) requests compressible at once\), "
+        r"scratch ([\d.]+) MiB; compression's share of the KV memory: ([\d.]+) %",
+        log,
     )
-    assert sizes is not None
-    assert float(sizes[2]) == 0.8  # one float32 vote per (slot, kv-head) beside 2 x 64 float32
-    assert float(sizes[3]) == round(POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN / 2**20, 1)
+    assert line is not None
+    assert int(line[1]) == KEEPKV_POOL_BLOCKS and int(line[6]) == KEEPKV_WINDOW_ROWS
+    pool = KEEPKV_POOL_BLOCKS * 30 * 198_144
+    votes = KEEPKV_POOL_BLOCKS * 30 * 3 * 128 * 4  # one float32 per slot and kv-head
+    window = KEEPKV_WINDOW_ROWS * 552_960
+    assert (float(line[2]), float(line[3]), float(line[5])) == tuple(
+        round(x / 2**20, 1) for x in (pool, votes, window)
+    )
+    assert pool + window <= POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN
+    assert float(line[8]) == round(100 * (votes + window) / (pool + window), 2) <= 3.0
+    memory = {
+        k: v for k, v in servers["keepkv"].get_json("/v1/kv_compression")["worker"].items() if "memory" in k
+    }
+    assert memory["memory_pool_bytes"] == pool and memory["memory_window_bytes"] == window
 
 
 def test_endpoint_reports_the_active_config(servers):

@@ -41,7 +41,11 @@ def params(fn) -> list[str]:
     [
         (GPUModelRunner, "_update_states", ["scheduler_output"]),
         (GPUModelRunner, "_prepare_inputs", ["scheduler_output", "num_scheduled_tokens"]),
-        (GPUModelRunner, "initialize_kv_cache", ["kv_cache_config", "is_profiling", "kv_cache_allocation_context"]),
+        (
+            GPUModelRunner,
+            "initialize_kv_cache",
+            ["kv_cache_config", "is_profiling", "kv_cache_allocation_context"],
+        ),
         (GPUModelRunner, "execute_model", None),
         (GPUModelRunner, "get_kv_cache_spec", []),
         (Worker, "_make_model_runner", []),
@@ -49,7 +53,11 @@ def params(fn) -> list[str]:
         (Worker, "initialize_from_config", ["kv_cache_config"]),
         (BlockTable, "compute_slot_mapping", ["num_reqs", "query_start_loc", "positions"]),
         (flash_attn.FlashAttentionImpl, "forward", None),
-        (flash_attn.FlashAttentionMetadataBuilder, "build", ["common_prefix_len", "common_attn_metadata", "fast_build"]),
+        (
+            flash_attn.FlashAttentionMetadataBuilder,
+            "build",
+            ["common_prefix_len", "common_attn_metadata", "fast_build"],
+        ),
         (vllm_backend.AttentionMetadataBuilder, "_init_reorder_batch_threshold", None),
     ],
 )
@@ -62,7 +70,12 @@ def test_vllm_methods_we_override_or_call_exist_with_our_parameters(owner, name,
 
 def test_the_runner_state_we_touch_is_built_by_vllms_gpu_runner():
     source = inspect.getsource(GPUModelRunner.__init__)
-    for attr in ("self.seq_lens =", "self.optimistic_seq_lens_cpu =", "self.positions =", "self.query_start_loc ="):
+    for attr in (
+        "self.seq_lens =",
+        "self.optimistic_seq_lens_cpu =",
+        "self.positions =",
+        "self.query_start_loc =",
+    ):
         assert attr in source, attr
     prepare = inspect.getsource(GPUModelRunner._prepare_inputs)
     assert "compute_slot_mapping(" in prepare and "self.seq_lens[:num_reqs]" in prepare
@@ -119,7 +132,9 @@ def test_backend_impl_and_builder_implement_vllms_interfaces():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("head_size, block_size", [(128, 16), (64, 32), (256, 16)])
 def test_vllm_cuda_selection_accepts_the_backend_for_served_shapes(dtype, head_size, block_size):
-    config = AttentionSelectorConfig(head_size=head_size, dtype=dtype, kv_cache_dtype="auto", block_size=block_size)
+    config = AttentionSelectorConfig(
+        head_size=head_size, dtype=dtype, kv_cache_dtype="auto", block_size=block_size
+    )
     reasons = flash_attention.KeepKVFlashAttentionBackend.validate_configuration(
         device_capability=DeviceCapability(9, 0), **config._asdict()
     )
@@ -141,8 +156,13 @@ def test_gpu_worker_and_runner_build_on_vllms_classes():
     assert issubclass(model_runner.KeepKVGPUModelRunner, GPUModelRunner)
     # our overrides sit in front of vLLM's in the method resolution order
     for name in ("_update_states", "_prepare_inputs", "initialize_kv_cache", "execute_model"):
-        assert getattr(model_runner.KeepKVGPUModelRunner, name) is getattr(model_runner.CompressionRunnerMixin, name)
-    assert worker.KeepKVGPUWorker.determine_available_memory is worker.CompressionWorkerMixin.determine_available_memory
+        assert getattr(model_runner.KeepKVGPUModelRunner, name) is getattr(
+            model_runner.CompressionRunnerMixin, name
+        )
+    assert (
+        worker.KeepKVGPUWorker.determine_available_memory
+        is worker.CompressionWorkerMixin.determine_available_memory
+    )
     assert AttentionBackendEnum.CUSTOM.name == "CUSTOM"
 
 
@@ -167,7 +187,9 @@ def test_plugin_selects_the_gpu_worker_and_backend_on_cuda(monkeypatch):
     assert config.attention_config.backend == AttentionBackendEnum.CUSTOM
     assert AttentionBackendEnum.CUSTOM.get_path() == plugin.GPU_BACKEND
     with pytest.raises(ConfigError, match="drop --attention-backend FLASHINFER"):
-        plugin._select_engine_classes(_fake_config(AttentionBackendEnum.FLASHINFER), SimpleNamespace(method="keepkv"))
+        plugin._select_engine_classes(
+            _fake_config(AttentionBackendEnum.FLASHINFER), SimpleNamespace(method="keepkv")
+        )
 
 
 def test_plugin_selects_vllms_v1_runner_and_refuses_v2(monkeypatch):
@@ -182,8 +204,8 @@ def test_plugin_selects_vllms_v1_runner_and_refuses_v2(monkeypatch):
 
 
 def test_split_k_workspace_covers_every_decode_batch():
-    from keepkv_vllm.kernels.triton_vote_attention import pick_num_splits
+    from keepkv_vllm.kernels.triton_vote_attention import max_split_rows, pick_num_splits
 
-    rows = flash_attention.max_split_rows(256, 8, 8192, 132)
+    rows = max_split_rows(256, 8, 8192, 132)
     assert all(n * pick_num_splits(n, 8, s, 132) <= rows for n in range(1, 257) for s in (100, 4096, 8192))
     assert rows == 256  # an H100 running an 8-kv-head model: about 4 MiB of fp32 partials

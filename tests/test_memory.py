@@ -67,7 +67,9 @@ def test_serve_defaults_keep_compression_within_three_percent():
     page = padded_page_bytes(3 * 128 * 2 * 64 * 4, 3, 128)
     blocks = (budget - rows * SMOLLM2.row_bytes) // (30 * page)
     pool_rows = rows_for_pool(config.window_memory, blocks * 30 * page, SMOLLM2.row_bytes, 128)
-    memory = SideMemory(blocks * 30 * page, blocks * 30 * vote_bytes_per_block(3, 128), pool_rows, pool_rows * 540 * 1024)
+    memory = SideMemory(
+        blocks * 30 * page, blocks * 30 * vote_bytes_per_block(3, 128), pool_rows, pool_rows * 540 * 1024
+    )
     assert memory.share <= 0.03
     assert pool_rows == 38  # requests compressible at once at these defaults
 
@@ -75,7 +77,8 @@ def test_serve_defaults_keep_compression_within_three_percent():
 def test_window_rows_agree_between_scheduler_and_workers():
     spec = SimpleNamespace(page_size_bytes=padded_page_bytes(3 * 16 * 128 * 4, 3, 16))
     kv_cache_config = SimpleNamespace(
-        num_blocks=500, kv_cache_groups=[SimpleNamespace(layer_names=[f"l{i}" for i in range(30)], kv_cache_spec=spec)]
+        num_blocks=500,
+        kv_cache_groups=[SimpleNamespace(layer_names=[f"l{i}" for i in range(30)], kv_cache_spec=spec)],
     )
     model = SimpleNamespace(
         dtype=torch.float32, get_num_attention_heads=lambda parallel: 9, get_head_size=lambda: 64

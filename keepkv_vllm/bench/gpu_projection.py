@@ -2,9 +2,13 @@
 
     python -m keepkv_vllm.bench.gpu_projection [--prompt 8192 --output 512 --budgets 1 .5 .3 .2 .1]
 
-Model (documented in docs/throughput.md): the KV pool is what the GPU has left after weights
-and a reserve; a request holds P + O slots stock, max(b (P + O), min) compressed; the batch is
-the pool divided by that (capped by max_num_seqs). One decode step reads the weights once and
+Model (documented in docs/throughput.md): the KV budget is what the GPU has left after weights
+and a reserve. Compression takes its memory out of that budget as the engine does
+(engine/memory.py): log-votes in every page (4 bytes per slot and kv-head), the query window
+(``window_memory`` of the budget, one 16-bit row per compressible request) and the decode
+kernel's split-K workspace. A request holds P + O slots stock, max(b (P + O), min) compressed;
+the batch is the pool divided by that (capped by max_num_seqs and, for compressed requests,
+by the window rows). One decode step reads the weights once and
 every running request's KV once, and does 2 x params FLOPs per token:
 
     t_step = max(weights / BW + batch x kv_bytes_per_req / (eta x BW),  2 x params x batch / flops)
@@ -19,6 +23,10 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+
+import torch
+
+from keepkv_vllm.engine.memory import WindowGeometry, rows_to_reserve
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,35 @@ class Model:
     params_b: float = 8.03
     weight_gb: float = 16.06
     kv_bytes_per_token: int = 32 * 8 * 128 * 2 * 2  # layers x kv-heads x dim x (K, V) x bf16 = 128 KiB
+    layers: int = 32
+    q_heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+
+
+def compression_memory(
+    budget_bytes: float, model: Model, max_num_seqs: int, window_memory: float = 0.02, window: int = 16
+) -> dict:
+    """What compression takes out of a KV budget (bytes), as the engine computes it."""
+    from keepkv_vllm.kernels.triton_vote_attention import Workspace, max_split_rows
+
+    geometry = WindowGeometry(window, model.layers, model.q_heads, model.head_dim, torch.bfloat16)
+    rows = rows_to_reserve(window_memory, int(budget_bytes), geometry.row_bytes, max_num_seqs)
+    split_rows = max_split_rows(max_num_seqs, model.kv_heads, 8192, 132)
+    scratch = Workspace.nbytes(split_rows, model.q_heads, model.head_dim, 1)
+    side = rows * geometry.row_bytes + scratch
+    vote_bytes_per_token = model.layers * model.kv_heads * 4
+    pool = budget_bytes - side
+    votes = pool * vote_bytes_per_token / (model.kv_bytes_per_token + vote_bytes_per_token)
+    return {
+        "rows": rows,
+        "window": rows * geometry.row_bytes,
+        "scratch": scratch,
+        "votes": votes,
+        "pool": pool,
+        "share": (side + votes) / budget_bytes,
+        "bytes_per_token": model.kv_bytes_per_token + vote_bytes_per_token,
+    }
 
 
 def project(
@@ -49,10 +86,15 @@ def project(
     min_tokens: int = 64,
     max_num_seqs: int = 256,
 ) -> dict:
-    pool_bytes = (hw.memory_gb * hw.utilization - model.weight_gb - hw.reserve_gb) * 1e9
+    budget_bytes = (hw.memory_gb * hw.utilization - model.weight_gb - hw.reserve_gb) * 1e9
     tokens = prompt + output
-    held = tokens if budget >= 1.0 else max(math.ceil(budget * tokens), min_tokens)
-    batch = max(1, min(max_num_seqs, int(pool_bytes // (held * model.kv_bytes_per_token))))
+    if budget >= 1.0:  # stock vLLM: the whole budget is pool
+        held, pool_bytes, per_token, rows = tokens, budget_bytes, model.kv_bytes_per_token, max_num_seqs
+    else:
+        memory = compression_memory(budget_bytes, model, max_num_seqs)
+        held = max(math.ceil(budget * tokens), min_tokens)
+        pool_bytes, per_token, rows = memory["pool"], memory["bytes_per_token"], memory["rows"]
+    batch = max(1, min(max_num_seqs, rows, int(pool_bytes // (held * per_token))))
     bw = hw.bandwidth_gbs * 1e9
     t_mem = model.weight_gb * 1e9 / bw + batch * held * model.kv_bytes_per_token / (eta * bw)
     t_compute = 2 * model.params_b * 1e9 * batch / (hw.flops_tflops * 1e12)
@@ -79,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [project(b, args.prompt, args.output, hw=hw, eta=args.eta) for b in args.budgets]
     base = rows[0]["decode_tok_s"]
     print(f"PROJECTION, not measured: {hw.name}, {Model().name}, prompt {args.prompt}, output {args.output}")
+    budget = (hw.memory_gb * hw.utilization - Model().weight_gb - hw.reserve_gb) * 1e9
+    m = compression_memory(budget, Model(), 256)
+    print(
+        f"compression's memory out of the {budget / 1e9:.1f} GB KV budget: votes {m['votes'] / 1e9:.2f} GB, "
+        f"query window {m['window'] / 1e9:.2f} GB ({m['rows']} rows), scratch {m['scratch'] / 1e6:.1f} MB: "
+        f"{100 * m['share']:.2f} %"
+    )
     print("| budget | slots/request | batch | step ms | bound | decode tok/s | x stock |")
     print("|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:

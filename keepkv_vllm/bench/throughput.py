@@ -180,7 +180,8 @@ def table(rows: list[dict]) -> str:
     mib = 2**20
     for r in rows:
         lines.append(
-            f"| {r['label']} | {r['pool_blocks']} | {r['side_bytes'] / mib:.1f} | {r['vote_bytes'] / mib:.1f} | "
+            f"| {r['label']} | {r['pool_blocks']} | {r['side_bytes'] / mib:.1f} | "
+            f"{r['vote_bytes'] / mib:.1f} | "
             f"{r['output_tok_s']:.1f} | {r['throughput_ratio']:.2f} | {r['req_s']:.3f} | "
             f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | {1e3 * r['tpot_p50_s']:.0f} / "
             f"{1e3 * r['tpot_p99_s']:.0f} | {r['preemptions']:.0f} | {r['peak_running']} | "
@@ -235,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--kv-bytes-per-token", type=int, default=SMOLLM2_KV_BYTES_PER_TOKEN)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-model-len", type=int, default=None, help="default: prompt + output tokens + a block")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="default: prompt + output tokens + a block"
+    )
     p.add_argument(
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,

@@ -10,6 +10,7 @@ that the scheduler has already returned to the pool (nobody writes them before t
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -104,12 +105,35 @@ class RequestLedger:
         return {k: dict(self._rows[k]) for k in req_ids if k in self._rows}
 
 
+def compact_request(
+    layers: Iterable[tuple[PagedKV, torch.Tensor]], order: CompressionOrder, method: KVCompressionMethod
+) -> CompactionStats:
+    """Run one order on every layer: (layer cache, its window queries [H_q, W, d]) pairs.
+
+    Block tables go to the device once per order and the counters come back once (one
+    host sync per order, not per layer).
+    """
+    src = dst = None
+    merged = removed = 0
+    for paged, queries in layers:
+        if src is None:
+            device = paged.log_votes.device
+            src = torch.tensor(order.src_block_ids, dtype=torch.long, device=device)
+            dst = torch.tensor(order.block_ids, dtype=torch.long, device=device)
+        m, r = compact_layer(LayerCache(paged, queries), order, method, src, dst)
+        merged, removed = merged + m, removed + r
+    return CompactionStats(tokens_removed=int(removed), tokens_merged=int(merged))
+
+
 def compact_layer(
-    layer: LayerCache, order: CompressionOrder, method: KVCompressionMethod, stats: CompactionStats
-) -> None:
+    layer: LayerCache,
+    order: CompressionOrder,
+    method: KVCompressionMethod,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress one layer of the request; returns (slots merged, slots removed), summed over heads."""
     log_votes = layer.kv.log_votes
-    src = torch.tensor(order.src_block_ids, dtype=torch.long, device=log_votes.device)
-    dst = torch.tensor(order.block_ids, dtype=torch.long, device=log_votes.device)
     lo, hi = order.frozen_slots, order.kv_len_before
     keys, values = layer.kv.gather(src, lo, hi)
     votes = gather_votes(log_votes, src, lo, hi).exp()  # the methods work on vote counts p
@@ -117,6 +141,4 @@ def compact_layer(
     result = method.compress(keys, values, votes, queries, order.kv_len_after - lo)
     layer.kv.scatter(dst, lo, result.keys, result.values)
     scatter_votes(log_votes, dst, lo, result.votes.float().log())
-    merged = int(result.num_merged.sum())
-    stats.tokens_merged += merged
-    stats.tokens_removed += int((result.num_merged + result.num_dropped).sum())
+    return result.num_merged.sum(), (result.num_merged + result.num_dropped).sum()

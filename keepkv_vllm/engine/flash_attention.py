@@ -47,6 +47,7 @@ from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.vote_pages import record_window, spec_with_votes
 from keepkv_vllm.kernels.triton_vote_attention import (
     Workspace,
+    max_split_rows,
     pick_num_splits,
     store_kv,
     vote_paged_attention,
@@ -66,11 +67,6 @@ def uses_flash_attention(dtype: torch.dtype, device: torch.device) -> bool:
 
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def max_split_rows(max_num_seqs: int, num_kv_heads: int, max_model_len: int, sms: int) -> int:
-    """Largest decode tokens x splits the split-K workspace must hold (``pick_num_splits``)."""
-    return max(n * pick_num_splits(n, num_kv_heads, max_model_len, sms) for n in range(1, max_num_seqs + 1))
 
 
 @dataclass

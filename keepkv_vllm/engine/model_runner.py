@@ -25,12 +25,10 @@ from keepkv_vllm.attention.kv_layout import PagedKV, vote_bytes_per_block
 from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.compaction import (
     ORDERS_ATTR,
-    CompactionStats,
     CompressionOrder,
-    LayerCache,
     RequestLedger,
     WorkerTotals,
-    compact_layer,
+    compact_request,
 )
 from keepkv_vllm.engine.memory import SideMemory, WindowGeometry, pool_bytes, rows_to_reserve, window_rows
 from keepkv_vllm.engine.settings import config_from_vllm
@@ -146,10 +144,12 @@ class CompressionRunnerMixin:
         state = self._kvc
         method = state.method_for(order.method)
         state.votes_written |= method.writes_votes
-        stats = CompactionStats()
-        for name, paged in state.layers.items():
-            queries = state.window.queries(name, order.req_id, order.num_computed_tokens)
-            compact_layer(LayerCache(paged, queries.to(paged.log_votes.device)), order, method, stats)
+        window = state.window
+        layers = (
+            (paged, window.queries(name, order.req_id, order.num_computed_tokens))
+            for name, paged in state.layers.items()
+        )
+        stats = compact_request(layers, order, method)
         self.kvc_totals.add(stats, time.perf_counter() - start)
         self.kvc_requests.add(
             order.req_id, tokens_merged=stats.tokens_merged, tokens_removed=stats.tokens_removed

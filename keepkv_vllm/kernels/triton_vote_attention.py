@@ -220,6 +220,13 @@ def pick_num_splits(
     return 1 << (min(want, longest, 64).bit_length() - 1)  # a power of two for the combine
 
 
+def max_split_rows(max_num_seqs: int, num_kv_heads: int, max_model_len: int, num_sms: int) -> int:
+    """Largest decode tokens x splits a fixed split-K workspace must hold (``pick_num_splits``)."""
+    return max(
+        n * pick_num_splits(n, num_kv_heads, max_model_len, num_sms) for n in range(1, max_num_seqs + 1)
+    )
+
+
 def vote_paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,

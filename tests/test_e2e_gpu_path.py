@@ -1,0 +1,95 @@
+"""The GPU backend's own Python, end to end inside the real vLLM CPU engine.
+
+``KEEPKV_ATTENTION_BACKEND=flash`` makes the CPU worker serve through the FlashAttention-layout
+vote backend (engine/flash_attention.py) on slot-major pages with votes in the padding; its
+Triton kernels (store, vote-weighted decode, prefill) run in Triton's interpreter. Only
+FlashAttention itself (prefill rows on CUDA) is replaced, by the same Triton kernel without
+votes. vLLM's default compiled mode (torch.compile, attention opaque between the compiled
+pieces), greedy decoding, every request submitted at once so each engine runs the same
+schedule:
+- requests compressed every step (``trigger=always``) produce the same tokens as the CPU
+  backend's torch vote path;
+- a request with compression off produces stock vLLM's tokens.
+Small on purpose: the interpreter runs every kernel program in Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN
+
+pytestmark = pytest.mark.slow
+
+HELPER = Path(__file__).with_name("helpers") / "offline_generate.py"
+BLOCK = 32  # the CPU kernels need a multiple of 32
+COMPRESSION = {"method": "keepkv", "trigger": "always", "budget": 48, "min_budget_tokens": 40}
+
+
+def generate(spec: dict, **env: str) -> dict:
+    environment = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KEEPKV_ATTENTION_BACKEND")
+    }
+    proc = subprocess.run(
+        [sys.executable, str(HELPER), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**environment, **env},
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def runs(needle_factory):
+    prompts = [needle_factory.make(110 + 7 * i, 0.5, seed).token_ids for i, seed in enumerate((11, 12, 13))]
+    spec = {
+        "prompts": [list(p) for p in prompts],
+        "extra_args": [{}, {"kv_budget": 56}, {"kv_compression": "off"}],  # the last one is the witness
+        "max_tokens": 8,
+        "max_model_len": 256,
+        "block_size": BLOCK,
+        "kv_cache_memory_bytes": 48 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN,
+        "max_num_batched_tokens": 256,
+        "enforce_eager": False,
+    }
+    stock = generate({**spec, "enforce_eager": True})
+    torch_path = generate({**spec, "kv_compression": COMPRESSION, "enforce_eager": True})
+    flash = generate(
+        {**spec, "kv_compression": COMPRESSION}, TRITON_INTERPRET="1", KEEPKV_ATTENTION_BACKEND="flash"
+    )
+    return stock, torch_path, flash
+
+
+def test_compressed_requests_match_the_torch_vote_path(runs):
+    _, torch_path, flash = runs
+    counters = flash["stats"]["counters"]
+    assert counters["requests_compressed"] == 2 and counters["compressions"] >= 2
+    assert flash["stats"]["counters"]["compressions"] == torch_path["stats"]["counters"]["compressions"]
+    merged = sum(w["tokens_merged"] for w in flash["stats"]["worker"])
+    assert merged > 0  # KeepKV merged slots: their votes != 1 were read by the Triton kernel
+    assert flash["tokens"][:2] == torch_path["tokens"][:2]
+
+
+def test_an_uncompressed_request_matches_stock_vllm(runs):
+    stock, _, flash = runs
+    assert flash["tokens"][2] == stock["tokens"][2]
+
+
+def test_the_gpu_layout_keeps_votes_and_window_inside_the_budget(runs):
+    _, torch_path, flash = runs
+    memory = flash["stats"]["worker"][0]
+    given = 48 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN
+    assert (
+        memory["memory_pool_bytes"] + memory["memory_window_bytes"] + memory["memory_scratch_bytes"] <= given
+    )
+    assert memory["memory_vote_bytes"] > 0 and memory["memory_scratch_bytes"] > 0
+    assert torch_path["stats"]["worker"][0]["memory_scratch_bytes"] == 0  # the CPU path needs none
