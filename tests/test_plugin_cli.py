@@ -150,3 +150,37 @@ def test_plugin_is_registered_as_an_entry_point():
     names = {e.value for e in entry_points(group="vllm.general_plugins")}
     assert "keepkv_vllm.plugin:register" in names
     assert Path(sys.executable).with_name("vllm").exists()
+
+
+@pytest.mark.slow
+def test_a_server_whose_compression_memory_leaves_no_room_for_one_request_stops_at_startup():
+    # 17 blocks' bytes hold one 2,048-token request stock (16 blocks + vLLM's null block); the
+    # votes and the query window of a compressed server do not fit beside it
+    from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN
+
+    flags = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.3",
+    ]
+    flags += [
+        "--kv-cache-memory-bytes",
+        str(17 * 128 * SMOLLM2_KV_BYTES_PER_TOKEN),
+        "--kv-compression",
+        "keepkv",
+    ]
+    proc = subprocess.run(
+        [vllm_executable(), "serve", str(model_dir()), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENGINE_ENV,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "kv compression: its side memory" in line]
+    assert lines, proc.stderr[-3000:]
+    assert "less than one request at --max-model-len 2048 needs" in lines[-1]

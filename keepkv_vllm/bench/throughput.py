@@ -119,8 +119,31 @@ def measure(
     }
 
 
+def window_memory_for(rows: int, model: str, dtype: str, kv_bytes: int, window: int = 16) -> float:
+    """The ``window_memory`` share that gives ``rows`` requests a window row (plus one for
+    the pool's block rounding), from the model's config.json."""
+    import torch
+
+    from keepkv_vllm.engine.memory import WindowGeometry, window_dtype
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    geometry = WindowGeometry(
+        window,
+        config["num_hidden_layers"],
+        heads,
+        config.get("head_dim") or config["hidden_size"] // heads,
+        window_dtype(getattr(torch, dtype)),
+    )
+    return min(0.5, (rows + 1) * geometry.row_bytes / kv_bytes)
+
+
+def kv_bytes(args: argparse.Namespace) -> int:
+    return args.kv_blocks * args.block_size * args.kv_bytes_per_token
+
+
 def server_args(args: argparse.Namespace) -> list[str]:
-    pool = args.kv_blocks * args.block_size * args.kv_bytes_per_token
+    pool = kv_bytes(args)
     return [
         "--dtype",
         args.dtype,
@@ -150,8 +173,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     with ServerProcess(server_args(args), model=model) as stock:
         measure(stock, prompts[:2], args, "warm-up stock", None)
         rows.append({"method": "stock", "budget": 1.0, **measure(stock, prompts, args, "stock", None)})
+    window_memory = args.window_memory or window_memory_for(
+        args.concurrency, model, args.dtype, kv_bytes(args)
+    )
     for method in args.methods:
-        settings = json.dumps({"budget": max(args.budgets), "trigger": args.trigger})
+        settings = json.dumps(
+            {"budget": max(args.budgets), "trigger": args.trigger, "window_memory": window_memory}
+        )
         extra = ["--kv-compression", method, "--kv-compression-config", settings]
         with ServerProcess(server_args(args) + extra, model=model) as server:
             measure(server, prompts[:2], args, f"warm-up {method}", None)
@@ -221,6 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["keepkv"])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--trigger", choices=["pressure", "always"], default="pressure")
+    p.add_argument(
+        "--window-memory",
+        type=float,
+        default=None,
+        help="window_memory of the compressed servers (default: a window row for every concurrent request)",
+    )
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=1535)
     p.add_argument("--output-tokens", type=int, default=128)

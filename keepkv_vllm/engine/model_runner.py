@@ -57,9 +57,11 @@ class CompressionRunnerMixin:
     def kvc_budget(self, budget: int) -> int:
         """The KV budget vLLM may size its pool with, once compression's side memory is out.
 
-        Refuses to start (one line) when that leaves no room for one request at
-        ``--max-model-len`` although the whole budget would have held it.
+        Refuses to start (one line) when compression leaves no room for one request at
+        ``--max-model-len`` although stock vLLM would have had room in the same budget.
         """
+        from dataclasses import replace
+
         from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
 
         config = self._kvc.config
@@ -69,11 +71,14 @@ class CompressionRunnerMixin:
             config.window_memory, budget, geometry.row_bytes, self.scheduler_config.max_num_seqs
         )
         reserve = rows * geometry.row_bytes + self.kvc_scratch_bytes()
-        # one request at --max-model-len, plus the null block vLLM holds back
-        needed = max_memory_usage_bytes(self.vllm_config, specs.values()) + sum(
-            s.page_size_bytes for s in specs.values()
-        )
-        if budget - reserve < needed <= budget:
+
+        # one request at --max-model-len plus the null block vLLM holds back; with votes, and stock
+        def one_request(pages: list[Any]) -> int:
+            return max_memory_usage_bytes(self.vllm_config, pages) + sum(s.page_size_bytes for s in pages)
+
+        needed = one_request(list(specs.values()))
+        stock = one_request([replace(s, page_size_padded=None) for s in specs.values()])
+        if budget - reserve < needed and stock <= budget:
             mib = 2**20
             raise ValueError(
                 f"kv compression: its side memory ({reserve / mib:.1f} MiB: query window for {rows} requests "

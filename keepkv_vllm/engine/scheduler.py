@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -52,6 +53,7 @@ class CompressionCounters:
     preemptions: int = 0  # preemptions vLLM still made (last resort)
     requests_compressed: int = 0  # distinct requests compressed at least once
     requests_without_window: int = 0  # admitted while every window row was taken: never compressible
+    admissions_deferred: int = 0  # waiting requests held back: the running ones will need the room
     compression_time_s: float = 0.0  # scheduler-side time (bookkeeping), not the worker's
 
     def as_dict(self) -> dict[str, float]:
@@ -85,6 +87,8 @@ class KeepKVScheduler(Scheduler):
         num_rows, _ = window_rows(self.kvc, self.vllm_config, self.kv_cache_config)
         self.window_rows = RowTable(num_rows)
         self._window_from: dict[str, int] = {}
+        # output lengths of finished requests: how far running ones are likely to grow
+        self._output_lengths: deque[int] = deque(maxlen=256)
         self.counters = CompressionCounters()
         self.request_ledger = RequestLedger()  # per request: compressions, slots removed
         logger.info(
@@ -128,9 +132,12 @@ class KeepKVScheduler(Scheduler):
     def _allocate_slots(
         self, request: Request, num_new_tokens: int, *args: object, **kwargs: object
     ) -> object:
+        running = request.status == RequestStatus.RUNNING
+        if not running and not self._admits(request):
+            self.counters.admissions_deferred += 1
+            return None  # vLLM stops admitting for this step, as when the pool is full
         blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
         if blocks is None:
-            running = request.status == RequestStatus.RUNNING
             for victim in list(self._candidates()):
                 if not self._compress(victim):
                     continue
@@ -149,11 +156,52 @@ class KeepKVScheduler(Scheduler):
                 self._assign_window(request, *args, **kwargs)
         return blocks
 
-    def _assign_window(self, request: Request, *args: object, **kwargs: object) -> None:
-        """A window row for a request that could ever return a block by compressing."""
+    # -- admission ----------------------------------------------------------------------------
+    def _admits(self, request: Request) -> bool:
+        """Growth-aware admission: admit only if every running request, and this one, still fit
+        in the pool when they have grown to their expected length, compressed where they can be.
+
+        Without it, compression makes room that vLLM fills with new requests; all of them then
+        grow during decode until nothing is left to reclaim and vLLM preempts (and recomputes)
+        them, which costs more than the compression gained. The expected length counts outputs
+        up to ``max_tokens``, or to what finished requests produced when that is shorter.
+        """
+        if not self.running:
+            return True
+        horizon = self._output_horizon()
+        rows = self.window_rows.row_of
+        demand = sum(self._expected_blocks(r, r.request_id in rows, horizon) for r in self.running)
+        new_compressible = self.window_rows.free > 0 and self._could_compress(request)
+        demand += self._expected_blocks(request, new_compressible, horizon)
+        return demand <= self._total_blocks
+
+    def _expected_blocks(self, request: Request, compressible: bool, horizon: int) -> int:
+        """Blocks the request holds at its expected length (its peak, compressed if it can be)."""
+        outputs = min(request.max_tokens, max(request.num_output_tokens, horizon))
+        length = request.num_prompt_tokens + outputs
+        target = self._target_for(request, length) if compressible else None
+        if target is not None:
+            # its target plus what it grows after the last compression (at most a block:
+            # under pressure it is compressed again once it would return one)
+            length = min(length, target + min(self._block_size, outputs - request.num_output_tokens))
+        return cdiv(length, self._block_size)
+
+    def _output_horizon(self) -> int:
+        """The 90th percentile of finished requests' output lengths (no limit until 16 finished)."""
+        if len(self._output_lengths) < 16:
+            return 1 << 62
+        ordered = sorted(self._output_lengths)
+        return ordered[int(0.9 * (len(ordered) - 1))]
+
+    def _could_compress(self, request: Request) -> bool:
+        """Whether the request could ever return a block by compressing (worth a window row)."""
         longest = request.num_prompt_tokens + request.max_tokens
         target = self._target_for(request, longest)
-        if target is None or target + self._block_size > longest:
+        return target is not None and target + self._block_size <= longest
+
+    def _assign_window(self, request: Request, *args: object, **kwargs: object) -> None:
+        """A window row for a request that could ever return a block by compressing."""
+        if not self._could_compress(request):
             return
         if self.window_rows.assign(request.request_id) is None:
             self.counters.requests_without_window += 1
@@ -303,4 +351,6 @@ class KeepKVScheduler(Scheduler):
         self._request_options.pop(request.request_id, None)
         self.window_rows.release(request.request_id)
         self._window_from.pop(request.request_id, None)
+        if request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED):
+            self._output_lengths.append(request.num_output_tokens)
         super()._free_request_blocks(request)
