@@ -177,8 +177,20 @@ def _select_engine_classes(vllm_config: Any, config: Any) -> None:
         raise ConfigError(f"--kv-compression needs --kv-cache-dtype auto, got {cache.cache_dtype!r}")
     if vllm_config.speculative_config is not None:
         raise ConfigError("--kv-compression cannot be combined with speculative decoding")
-    if vllm_config.parallel_config.world_size > 1:
-        raise ConfigError("--kv-compression supports a single worker (tensor/pipeline parallel size 1)")
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        # each stage would compact its own layers, but no pipeline-parallel run was tested
+        # here: refuse rather than serve an untested path
+        raise ConfigError(
+            "--kv-compression does not support pipeline parallelism (--pipeline-parallel-size 1)"
+        )
+    if (
+        getattr(parallel, "decode_context_parallel_size", 1) > 1
+        or getattr(parallel, "prefill_context_parallel_size", 1) > 1
+    ):
+        raise ConfigError(
+            "--kv-compression does not support context parallelism (its KV is sharded by position)"
+        )
     worker_cls = CPU_WORKER_CLS
     if current_platform.is_cuda():
         worker_cls = GPU_WORKER_CLS

@@ -170,7 +170,7 @@ def _fake_config(backend=None):
     return SimpleNamespace(
         cache_config=SimpleNamespace(cache_dtype="auto"),
         speculative_config=None,
-        parallel_config=SimpleNamespace(world_size=1, worker_cls="auto"),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, worker_cls="auto"),
         scheduler_config=SimpleNamespace(scheduler_cls=None, async_scheduling=True),
         attention_config=SimpleNamespace(backend=backend),
     )

@@ -9,6 +9,7 @@ that the scheduler has already returned to the pool (nobody writes them before t
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,12 +62,17 @@ class WorkerTotals:
     tokens_merged: int = 0  # slots folded into survivors, all layers and heads
     tokens_removed: int = 0  # slots removed, all layers and heads
     compaction_seconds: float = 0.0
+    # which orders ran, in which order (request, slots before and after): every tensor-parallel
+    # rank of an engine must report the same digest
+    order_digest: int = 0
 
-    def add(self, stats: CompactionStats, seconds: float) -> None:
+    def add(self, order: CompressionOrder, stats: CompactionStats, seconds: float) -> None:
         self.orders += 1
         self.tokens_merged += stats.tokens_merged
         self.tokens_removed += stats.tokens_removed
         self.compaction_seconds += seconds
+        key = f"{order.req_id}:{order.kv_len_before}:{order.kv_len_after}".encode()
+        self.order_digest = zlib.crc32(key, self.order_digest)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -74,6 +80,7 @@ class WorkerTotals:
             "tokens_merged": self.tokens_merged,
             "tokens_removed": self.tokens_removed,
             "compaction_seconds": self.compaction_seconds,
+            "order_digest": self.order_digest,
         }
 
 

@@ -25,7 +25,6 @@ graphs would need.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -260,7 +259,6 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
             record_window(state, layer.layer_name, q, n)
         key_cache, value_cache, log_votes = self._cache_views(kv_cache)
         if meta.decode is not None:
-            start = time.perf_counter()
             d = meta.decode
             vote_paged_attention(
                 q[: d.num_tokens],
@@ -276,12 +274,8 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
                 num_splits=d.num_splits,
                 workspace=meta.workspace,
             )
-            if state is not None:
-                state.vote_attention_seconds += time.perf_counter() - start
         if meta.prefill is not None:
-            self._prefill(
-                layer, query, key, value, kv_cache, meta.prefill, q, out, (key_cache, value_cache, log_votes)
-            )
+            self._prefill(layer, query, key, value, kv_cache, meta.prefill, out)
         return output
 
     def _prefill(
@@ -292,9 +286,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         p: PrefillRows,
-        q: torch.Tensor,
         out: torch.Tensor,
-        views: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> None:
         lo, hi = p.first_token, p.first_token + p.num_tokens
         if p.flash is not None:
@@ -303,9 +295,9 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
                 layer, query[lo:hi], key[lo:hi], value[lo:hi], kv_cache, p.flash, out[lo:hi]
             )
             return
-        key_cache, value_cache, log_votes = views
+        key_cache, value_cache, log_votes = self._cache_views(kv_cache)
         vote_paged_attention(
-            q[lo:hi],
+            query[lo:hi].view(hi - lo, self.num_heads, self.head_size),
             key_cache,
             value_cache,
             log_votes if p.voted else None,

@@ -155,7 +155,7 @@ class CompressionRunnerMixin:
             for name, paged in state.layers.items()
         )
         stats = compact_request(layers, order, method)
-        self.kvc_totals.add(stats, time.perf_counter() - start)
+        self.kvc_totals.add(order, stats, time.perf_counter() - start)
         self.kvc_requests.add(
             order.req_id, tokens_merged=stats.tokens_merged, tokens_removed=stats.tokens_removed
         )

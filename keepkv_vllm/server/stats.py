@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger("vllm.keepkv")
 
 
 def engine_core_stats(engine_core: Any) -> dict[str, Any]:
@@ -58,19 +61,75 @@ def engine_core_request_stats(
     return rows
 
 
-async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str, Any]:
-    """Scheduler counters (engine core) plus compaction counters (workers, summed).
+#: worker figures that are the same on every tensor-parallel rank (not summed)
+PER_RANK = ("memory_window_rows", "memory_share", "order_digest")
 
-    ``check_votes`` adds a scan of every stored vote (``votes_nonpositive``,
-    ``votes_nonfinite``), which costs a pass over the vote tensors.
+
+async def _each_engine(core: Any, method: str, *args: Any) -> list[Any]:
+    """One result per engine core (data parallel runs several)."""
+    if hasattr(core, "call_utility_all_async"):
+        return list(await core.call_utility_all_async(method, *args))
+    return [await core.call_utility_async(method, *args)]
+
+
+def _add(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Sum a flat dict of numbers into ``total`` key by key."""
+    for key, value in part.items():
+        total[key] = total[key] + value if key in total else value
+    return total
+
+
+def merge_engines(engines: list[dict[str, Any]]) -> dict[str, Any]:
+    """Data-parallel engine cores: counters, requests, blocks and window rows add up."""
+    stats = {k: dict(v) if isinstance(v, dict) else v for k, v in engines[0].items()}
+    for engine in engines[1:]:
+        for section in ("counters", "requests", "window"):
+            _add(stats[section], engine.get(section, {}))
+        for key in ("free_blocks", "total_blocks"):
+            stats["kv_cache"][key] += engine["kv_cache"][key]
+    stats["engines"] = len(engines)
+    return stats
+
+
+def merge_ranks(ranks: list[dict[str, float]]) -> tuple[dict[str, float], bool]:
+    """One engine's workers: counters summed over ranks, and whether all ranks ran the same orders."""
+    merged: dict[str, float] = {}
+    for rank in ranks:
+        _add(merged, {k: v for k, v in rank.items() if k not in PER_RANK})
+    merged.update({k: ranks[0][k] for k in PER_RANK if ranks and k in ranks[0]})
+    agree = len({(r.get("orders"), r.get("order_digest")) for r in ranks}) <= 1
+    return merged, agree
+
+
+async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str, Any]:
+    """Scheduler counters (every engine core, summed) plus compaction counters (every worker).
+
+    Tensor-parallel ranks of one engine each compact their own kv-heads: their counters are
+    summed, and each reports which orders it ran; ranks that disagree are an error (in the log
+    and ``ranks_agree: false``), never silent. ``check_votes`` adds a scan of every stored vote
+    (``votes_nonpositive``, ``votes_nonfinite``), which costs a pass over the vote regions.
     """
-    stats = await engine_client.engine_core.call_utility_async("kv_compression_stats")
-    if stats.get("enabled"):
-        calls = ["kv_compression_worker_stats"] + (["kv_compression_vote_check"] if check_votes else [])
-        merged: dict[str, float] = {}
-        for call in calls:
-            for w in await engine_client.collective_rpc(call):
-                for k, v in w.items():
-                    merged[k] = merged.get(k, 0) + v
-        stats["worker"] = merged
+    core = engine_client.engine_core
+    engines = await _each_engine(core, "kv_compression_stats")
+    stats = merge_engines(engines)
+    if not stats.get("enabled"):
+        return stats
+    calls = ["kv_compression_worker_stats"] + (["kv_compression_vote_check"] if check_votes else [])
+    per_call = [await _each_engine(core, "collective_rpc", call, None, (), None) for call in calls]
+    worker: dict[str, float] = {}
+    agree, ranks = True, []
+    for engine_index in range(len(engines)):
+        engine_ranks = per_call[0][engine_index]
+        merged, engine_agrees = merge_ranks(engine_ranks)
+        for extra in per_call[1:]:
+            for rank in extra[engine_index]:
+                _add(merged, rank)
+        _add(worker, {k: v for k, v in merged.items() if k not in PER_RANK or not worker})
+        agree &= engine_agrees
+        ranks.append(
+            [{k: r.get(k) for k in ("orders", "order_digest", "tokens_merged")} for r in engine_ranks]
+        )
+    if not agree:
+        logger.error("kv compression: tensor-parallel ranks ran different compression orders: %s", ranks)
+    stats.update(worker=worker, worker_ranks=ranks, ranks_agree=agree)
     return stats
