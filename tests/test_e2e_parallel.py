@@ -2,11 +2,12 @@
 
 Tensor parallel: SmolLM2-135M has 9 query and 3 kv heads, so `--tensor-parallel-size 3` gives
 each rank one kv-head. vLLM's CPU engine needs `VLLM_CPU_OMP_THREADS_BIND` to place 3 workers
-on this machine's 2 cores. The same requests, one after another (so every engine schedules
-them alike), each too long for the pool when it decodes, go to a keepkv server at TP=1 and one
-at TP=3: the scheduler makes the same compressions, every rank runs the same orders (their
-counters add up), no preemption, the pool ends as it started. A request with compression off
-is token-identical to stock vLLM at TP=3.
+on this machine's 2 cores. Three needle requests at once, on a pool that holds one of them
+uncompressed, go to a keepkv server at TP=1 and one at TP=3, with ``trigger=always`` (each
+request is compressed as soon as its prefill ends, so the decisions do not depend on HTTP
+arrival timing): the scheduler makes the same compressions, every rank runs the same orders
+(their counters add up), no preemption, the pool ends as it started. A request with
+compression off is token-identical to stock vLLM at TP=3.
 
 Data parallel: two engine cores, each compressing on its own pool; the API server's counters
 cover both.
@@ -14,7 +15,11 @@ cover both.
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -23,26 +28,28 @@ from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, Se
 
 pytestmark = pytest.mark.slow
 
-POOL_BLOCKS = 12  # 1,536 slots' worth of bytes: one 1,280-token prompt plus its decode does not fit
+POOL_BLOCKS = 14  # one 1,280-token request (11 blocks) fits uncompressed, three do not
 PROMPT_TOKENS = 1280
 OUTPUT_TOKENS = 24
 COMMON = [
     "--dtype",
     "float32",
     "--max-model-len",
-    "1536",
+    "1408",
     "--enforce-eager",
     "--max-num-batched-tokens",
     "512",
     "--gpu-memory-utilization",
     "0.3",
 ]
-KEEPKV = ["--kv-compression", "keepkv", "--kv-compression-config", '{"budget": 0.3, "window_memory": 0.05}']
+SETTINGS = '{"budget": 0.3, "trigger": "always", "window_memory": 0.05}'
+KEEPKV = ["--kv-compression", "keepkv", "--kv-compression-config", SETTINGS]
 KV_BYTES = POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN
 TP1 = ["--kv-cache-memory-bytes", str(KV_BYTES)]
 # the KV memory is per worker; each of 3 ranks holds one of the 3 kv-heads: a third of the
 # bytes gives every rank the same number of blocks (and window rows) as the TP=1 worker
 TP3 = ["--tensor-parallel-size", "3", "--kv-cache-memory-bytes", str(KV_BYTES // 3)]
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def serve(args: list[str], **env: str) -> ServerProcess:
@@ -79,13 +86,17 @@ def prompts(needle_factory):
 
 
 def run(server: ServerProcess, prompts) -> dict:
-    texts = [complete(server, p.token_ids) for p in prompts]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(lambda p: complete(server, p.token_ids), prompts))
+    wall = time.perf_counter() - start
     witness = complete(server, prompts[0].token_ids, {"kv_compression": "off"})
     return {
         "score": sum(p.passcode in t for p, t in zip(prompts, texts, strict=True)),
         "witness": witness,
         "stats": server.get_json("/v1/kv_compression"),
         "preemptions": server.metrics().get("vllm:num_preemptions_total", 0.0),
+        "wall_s": round(wall, 1),
     }
 
 
@@ -103,6 +114,13 @@ def tensor_parallel(prompts):
             results[name] = run(server, prompts)
         finally:
             server.stop()
+    RESULTS.mkdir(exist_ok=True)
+    summary = {
+        name: {"wall_s": r["wall_s"], "score": r["score"], "counters": r["stats"].get("counters", {})}
+        | {"worker_ranks": r["stats"].get("worker_ranks")}
+        for name, r in results.items()
+    }
+    (RESULTS / "e2e_tensor_parallel.json").write_text(json.dumps(summary, indent=1))
     return results
 
 
@@ -138,8 +156,6 @@ def test_an_uncompressed_request_is_stock_vllm_at_tp3(tensor_parallel):
 
 
 def test_data_parallel_engines_each_compress_and_the_counters_cover_both(prompts):
-    from concurrent.futures import ThreadPoolExecutor
-
     server = serve(COMMON + KEEPKV + TP1 + ["--data-parallel-size", "2"], VLLM_CPU_OMP_THREADS_BIND="0|1")
     try:
         with ThreadPoolExecutor(2) as pool:  # at once: vLLM balances them over the two engines
