@@ -111,7 +111,9 @@ def _patch_cli(engine_args: type) -> None:
                 raise SystemExit(f"error: {e}") from None
             # also on args: API-server children rebuild their engine args from them
             args.additional_config = merged
-        return stock_from_cli(cls, args)
+        engine_args = stock_from_cli(cls, args)
+        engine_args._keepkv_from_cli = True  # refusals at config time: one line, no traceback
+        return engine_args
 
     engine_args.from_cli_args = classmethod(from_cli_args)
 
@@ -138,6 +140,14 @@ def _patch_engine_config(engine_args: type) -> None:
 
     @functools.wraps(stock_create)
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return _create_engine_config(self, *args, **kwargs)
+        except ConfigError as e:
+            if getattr(self, "_keepkv_from_cli", False):
+                raise SystemExit(f"error: {e}") from None
+            raise  # the offline API: a ValueError naming the setting
+
+    def _create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         settings = (self.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
         config = parse_config(settings)  # ConfigError: one line naming the key
         if config.enabled:

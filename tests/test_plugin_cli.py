@@ -113,6 +113,11 @@ def test_llm_bad_settings_raise_naming_the_key():
             "vote_rule",
         ),
         (["--kv-compression-config", "/no/such/file.yaml"], "no such file"),
+        (
+            ["--kv-compression", "keepkv", "--pipeline-parallel-size", "2"],
+            "does not support pipeline parallelism",
+        ),
+        (["--kv-compression", "keepkv", "--kv-cache-dtype", "fp8"], "needs --kv-cache-dtype auto"),
     ],
 )
 def test_vllm_serve_refuses_to_start_with_a_one_line_error(flags, message):
