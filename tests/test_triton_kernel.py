@@ -172,3 +172,41 @@ def test_benchmark_script_smoke(capsys):
     assert "| 2 | 64 |" in out
     err = float(out.strip().splitlines()[-1].split("|")[4])
     assert err < 1e-4
+
+
+def test_gpu_self_check_passes_on_the_served_shapes():
+    from keepkv_vllm.kernels.gpu_check import self_check
+
+    report = self_check(torch.float32, 64, 16, 9, 3, DEVICE)
+    assert report.startswith("max errors store/decode/decode-split/prefill")
+
+
+def test_gpu_self_check_names_what_failed(monkeypatch):
+    from keepkv_vllm.kernels import gpu_check, triton_vote_attention
+
+    stock = triton_vote_attention.vote_paged_attention
+
+    def wrong_with_votes(*args, **kwargs):
+        out = stock(*args, **kwargs)
+        return out + 0.5 if args[3] is not None else out  # a bug that only shows with votes
+
+    monkeypatch.setattr(triton_vote_attention, "vote_paged_attention", wrong_with_votes)
+    failed = r"decode attention with votes \(1 splits\): max error"
+    with pytest.raises(gpu_check.SelfCheckError, match=failed):
+        gpu_check.self_check(torch.float32, 32, 16, 4, 2, DEVICE)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed\nmore detail")  # what a Triton compile error looks like
+
+    monkeypatch.setattr(triton_vote_attention, "vote_paged_attention", broken)
+    failed = r"^RuntimeError: PassManager::run failed \(torch.float32"
+    with pytest.raises(gpu_check.SelfCheckError, match=failed):
+        gpu_check.self_check(torch.float32, 32, 16, 4, 2, DEVICE)
+
+
+def test_keepkv_gpu_check_smoke(capsys):
+    from keepkv_vllm.kernels.gpu_check import main
+
+    assert main(["--smoke", "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 shapes passed" in out and "| ok: " in out
