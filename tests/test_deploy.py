@@ -140,6 +140,19 @@ def test_plain_compose_up_serves_the_cpu_image():
         if line and not line.startswith("#")
     )
     assert env["COMPOSE_PROFILES"] == "cpu"
+    # the compose CPU service is the image deploy/test-image.sh builds and serves in CI, with the
+    # image's own default command
+    service = _compose()["services"]["keepkv-cpu"]
+    assert service["build"]["dockerfile"] == "deploy/Dockerfile.cpu"
+    cmd = exec_form(next(a for i, a in dockerfile(DEPLOY / "Dockerfile.cpu") if i == "CMD"))
+    assert service["command"] == cmd
+
+
+def test_ci_builds_and_serves_the_cpu_image():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "apt-get install" in ci and "podman" in ci and "bash deploy/test-image.sh" in ci
+    script = (DEPLOY / "test-image.sh").read_text()
+    assert "-f deploy/Dockerfile.cpu" in script and "--format docker" in script  # keeps HEALTHCHECK
 
 
 def test_compose_command_lines_parse_with_the_real_cli():

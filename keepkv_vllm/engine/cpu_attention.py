@@ -6,9 +6,11 @@ It is vLLM's CPU backend plus:
 - with a method that writes votes, every fresh token written to the cache gets vote 1
   (blocks that held merged slots are reused);
 - each compressible request's newest W queries are kept (the observation window);
-- for requests whose slots carry votes != 1, attention is recomputed in torch as
-  softmax(q.k * scale + log p) over the request's paged slots, replacing the stock
-  kernel's rows (which cannot add a per-slot bias); nothing runs while no such request exists.
+- for requests whose slots carry votes != 1, attention is computed in torch as
+  softmax(q.k * scale + log p) over the request's paged slots, into the stock kernel's rows
+  (it cannot add a per-slot bias). The stock kernel still runs for the whole batch, but its
+  metadata gives those rows only their own new tokens to read (``VoteCPUAttentionMetadataBuilder``),
+  so their KV is read once, by the vote path; nothing changes while no such request exists.
 Registered over CPU_ATTN by the keepkv worker only, so ``--kv-compression none`` never
 loads it.
 """
@@ -16,11 +18,16 @@ loads it.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 from vllm.v1.attention.backend import AttentionType
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
 
 from keepkv_vllm.attention.kv_layout import gather_block_votes
 from keepkv_vllm.attention.paged_torch import batched_vote_decode, paged_vote_attention
@@ -110,10 +117,33 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
         )
 
 
+class VoteCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    """vLLM's CPU metadata, with each voted request's context cut to its own new tokens.
+
+    The vote path recomputes those rows over all their slots; the stock kernel would read the
+    same KV again for rows that are then overwritten.
+    """
+
+    def build(self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False) -> Any:
+        cm = common_attn_metadata
+        state = worker_state.current()
+        step = state.step_for(cm.num_actual_tokens) if state is not None else None
+        if step is not None and step.voted:
+            seq_lens = cm.seq_lens.clone()
+            for req in step.voted:
+                seq_lens[req.index] = req.token_end - req.token_start
+            cm = replace(cm, seq_lens=seq_lens)  # max_seq_len stays a valid upper bound
+        return super().build(common_prefix_len, cm, fast_build)
+
+
 class VoteCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[VoteCPUAttentionImpl]:
         return VoteCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[VoteCPUAttentionMetadataBuilder]:
+        return VoteCPUAttentionMetadataBuilder
 
     @classmethod
     def customize_spec(cls, spec: Any) -> Any:

@@ -211,7 +211,7 @@ class CompressionRunnerMixin:
                 if req_id in state.voted:
                     block_ids = torch.tensor(self.requests[req_id].block_ids[0], dtype=torch.long)
                     seq_len = int(computed[i] + n_tok[i] - offsets[i])
-                    voted.append(VotedRequest(int(ends[i] - n_tok[i]), int(ends[i]), block_ids, seq_len))
+                    voted.append(VotedRequest(i, int(ends[i] - n_tok[i]), int(ends[i]), block_ids, seq_len))
         device = self.device
         return StepPlan(
             num_tokens=int(n_tok.sum()),

@@ -23,6 +23,7 @@ from keepkv_vllm.methods import KVCompressionMethod, get_method
 class VotedRequest:
     """A request in this step's batch whose slots may carry votes != 1."""
 
+    index: int  # its row in the step's batch
     token_start: int
     token_end: int
     block_ids: torch.Tensor
