@@ -1,6 +1,6 @@
 """Serving checks run inside the CPU image by deploy/test-image.sh (a RUN step of a test image).
 
-    python image_checks.py '<entrypoint json>' '<cmd json>' '<healthcheck json>'
+    python image_checks.py image.json   # {"entrypoint": [...], "cmd": [...], "healthcheck": [...]}
 
 Starts the image's entrypoint with its default command in the background, then checks, one
 line each (``image-check: ok|FAIL <what>``): /health, a chat completion through the openai
@@ -40,7 +40,9 @@ def wait_healthy(server: subprocess.Popen, timeout: float = 900) -> bool:
 
 
 def main() -> int:
-    entrypoint, command, healthcheck = (json.loads(a) for a in sys.argv[1:4])
+    with open(sys.argv[1]) as f:
+        image = json.load(f)
+    entrypoint, command, healthcheck = image["entrypoint"], image["cmd"], image["healthcheck"]
     log = open("/tmp/serve.log", "w")  # noqa: SIM115 (lives as long as the server)
     start = time.monotonic()
     server = subprocess.Popen(entrypoint + command, stdout=log, stderr=subprocess.STDOUT)

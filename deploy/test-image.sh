@@ -34,7 +34,7 @@ stand_in_base() {
   cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
   printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$root/etc/pip.conf"
   rm -rf "$root/var/lib/apt/lists/"* "$root/var/cache/apt/archives/"*.deb
-  tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["python3"]' - "$BASE" > /dev/null
+  tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["python3"]' - "$BASE" > /dev/null 2>&1
 }
 
 torch_index() {
@@ -61,16 +61,14 @@ size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 say "ok build: $(( $(date +%s) - start )) s, image $(( size / 1000000 )) MB"
 
 # the image's own entrypoint, default command and healthcheck, as `docker run IMAGE` would use them
-entrypoint=$("${PODMAN[@]}" image inspect --format '{{json .Config.Entrypoint}}' "$IMAGE")
-command=$("${PODMAN[@]}" image inspect --format '{{json .Config.Cmd}}' "$IMAGE")
-healthcheck=$("${PODMAN[@]}" image inspect --format '{{json .Config.Healthcheck.Test}}' "$IMAGE")
-cat > "$work/Containerfile.test" <<EOF
-FROM $IMAGE
-COPY deploy/image_checks.py /tmp/image_checks.py
-RUN .venv/bin/python /tmp/image_checks.py '$entrypoint' '$command' '$healthcheck'
-EOF
-"${PODMAN[@]}" build --isolation chroot --network host --no-cache -f "$work/Containerfile.test" . \
-  > "$work/run.log" 2>&1 || status=$?
+mkdir -p "$work/checks"
+cp deploy/image_checks.py "$work/checks/"
+"${PODMAN[@]}" image inspect --format \
+  '{"entrypoint": {{json .Config.Entrypoint}}, "cmd": {{json .Config.Cmd}}, "healthcheck": {{json .Config.Healthcheck.Test}}}' \
+  "$IMAGE" > "$work/checks/image.json"
+printf 'FROM %s\nCOPY image_checks.py image.json /tmp/\nRUN .venv/bin/python /tmp/image_checks.py /tmp/image.json\n' \
+  "$IMAGE" > "$work/checks/Containerfile"
+"${PODMAN[@]}" build --isolation chroot --network host --no-cache "$work/checks" > "$work/run.log" 2>&1 || status=$?
 grep '^image-check:' "$work/run.log" | sed 's/^image-check: /test-image: /' || true
 if [[ "${status:-0}" != 0 ]]; then
   tail -40 "$work/run.log"
