@@ -38,6 +38,8 @@ CPU_WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVCPUWorker"
 GPU_WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVGPUWorker"
 GPU_BACKEND = "keepkv_vllm.engine.flash_attention.KeepKVFlashAttentionBackend"
 _PATCHED = "_keepkv_patched"
+#: KV cache dtypes compression reads and writes (fp8: per-tensor scales, e4m3 or e5m2 bytes)
+KV_CACHE_DTYPES = (None, "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 logger = logging.getLogger("vllm.keepkv")
 
 
@@ -183,8 +185,9 @@ def _select_engine_classes(vllm_config: Any, config: Any) -> None:
             f"not on {current_platform.device_name}"
         )
     cache = vllm_config.cache_config
-    if cache.cache_dtype not in ("auto", None):
-        raise ConfigError(f"--kv-compression needs --kv-cache-dtype auto, got {cache.cache_dtype!r}")
+    if cache.cache_dtype not in KV_CACHE_DTYPES:
+        supported = ", ".join(KV_CACHE_DTYPES[1:])
+        raise ConfigError(f"--kv-compression supports --kv-cache-dtype {supported}; got {cache.cache_dtype}")
     if vllm_config.speculative_config is not None:
         raise ConfigError("--kv-compression cannot be combined with speculative decoding")
     parallel = vllm_config.parallel_config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache, gather_votes
@@ -77,3 +78,69 @@ def test_request_ledger_sums_per_request_and_forgets_the_oldest():
     }
     ledger.add("c", compressions=1)
     assert set(ledger.get()) == {"b", "c"}
+
+
+def fp8_layer(fmt, seed=0):
+    """The same layer stored as fp8 bytes with vLLM's per-tensor scales."""
+    from keepkv_vllm.attention.quant import KVQuant
+
+    quant = KVQuant.for_cache(fmt, k_scale=0.5, v_scale=0.25)
+    g = torch.Generator().manual_seed(seed)
+    paged = FlashPagedKV(allocate_padded_cache(10, H, BS, D, torch.uint8), quant)
+    keys = torch.randn(10, BS, H, D, generator=g)
+    keys[..., 0] += 3  # a shared direction: KeepKV finds similar keys to merge
+    paged.key_cache.copy_((keys / 0.5).to(quant.fp8).view(torch.uint8))
+    paged.value_cache.copy_((torch.randn(10, BS, H, D, generator=g) / 0.25).to(quant.fp8).view(torch.uint8))
+    paged.log_votes.zero_()
+    return paged, torch.randn(H, 4, D, generator=g)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
+def test_fp8_kept_slots_move_byte_for_byte_and_merged_ones_are_requantized(fmt):
+    paged, queries = fp8_layer(fmt)
+    quant = paged.quant
+    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
+    src = torch.tensor(order.src_block_ids)
+    stored_k, stored_v = (x.clone() for x in paged.gather(src, 0, 30))
+    keys, values = quant.dequantize(stored_k, quant.k_scale), quant.dequantize(stored_v, quant.v_scale)
+    method = get_method("keepkv", sink=2, recent=4, similarity_threshold=0.5)
+    result = method.compress(keys, values, torch.ones(H, 30), queries, 12)
+    stats = compact_request([(paged, queries)], order, method)
+    assert stats.tokens_merged > 0
+    out_k, out_v = paged.gather(torch.tensor(order.block_ids), 0, 12)
+    index = result.kept_index.unsqueeze(-1).expand(-1, -1, D)
+    merged = (result.keys != keys.gather(1, index)).any(-1) | (result.values != values.gather(1, index)).any(
+        -1
+    )
+    assert merged.any() and (~merged).any()
+    # only kept: the very bytes it had
+    assert torch.equal(out_k[~merged], stored_k.gather(1, index)[~merged])
+    assert torch.equal(out_v[~merged], stored_v.gather(1, index)[~merged])
+    # merged: within one fp8 step (half a step rounding) of the float32 merge
+    for stored, exact, scale in ((out_k, result.keys, quant.k_scale), (out_v, result.values, quant.v_scale)):
+        got = quant.dequantize(stored, scale)[merged]
+        info = torch.finfo(quant.fp8)
+        bound = exact[merged].abs() * info.eps / 2 + info.smallest_normal * info.eps * scale
+        assert ((got - exact[merged]).abs() <= bound).all()
+    assert stats.saturated == 0
+
+
+def test_fp8_merged_values_past_the_format_saturate_and_are_counted():
+    from keepkv_vllm.methods.base import CompressionResult
+
+    class Overflow:
+        writes_votes = True
+
+        def compress(self, keys, values, votes, queries, budget):
+            kept = torch.arange(budget).expand(keys.shape[0], budget)
+            out_k, out_v = keys[:, :budget].clone(), values[:, :budget].clone()
+            out_k[:, 0] = 1e6  # merged far past e4m3's largest value (448 x scale 0.5)
+            zeros = torch.zeros(keys.shape[0], dtype=torch.long)
+            return CompressionResult(out_k, out_v, votes[:, :budget], kept, zeros + 1, zeros + 17)
+
+    paged, queries = fp8_layer("fp8")
+    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
+    stats = compact_request([(paged, queries)], order, Overflow())
+    assert stats.saturated == H * D  # slot 0 of every head, every dim
+    out_k, _ = paged.gather(torch.tensor(order.block_ids), 0, 1)
+    assert (paged.quant.dequantize(out_k, 0.5) == 448 * 0.5).all()

@@ -105,3 +105,37 @@ def test_batched_voted_decode_equals_the_per_request_path():
     for i, n in enumerate(lens):
         want = paged_vote_attention(q[i : i + 1], paged, block_index[i], n, d**-0.5)[0]
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
+def test_fp8_cpu_cache_reads_and_writes_bytes_where_vllm_puts_them(fmt):
+    from vllm import _custom_ops as ops
+
+    from keepkv_vllm.attention.quant import KVQuant
+    from keepkv_vllm.engine.cpu_cache import split_kv
+
+    quant = KVQuant.for_cache(fmt, k_scale=0.5, v_scale=2.0)
+    bs, h, d = 128, 3, 64
+    kv = allocate_padded_cache(4, h, bs, d, torch.uint8, slot_major=False)
+    paged = CPUPagedKV(kv, "vec", fmt, quant, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(150, h, d, generator=g), torch.randn(150, h, d, generator=g)
+    blocks = torch.tensor([2, 0])
+    slots = torch.cat([torch.arange(128) + 2 * bs, torch.arange(22)])
+    key_cache, value_cache = split_kv(kv)
+    ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, "vec", 0.5, 2.0, fmt)
+    stored_k, stored_v = paged.gather(blocks, 0, 150)  # bytes, as vLLM's kernel wrote them
+    assert stored_k.dtype == torch.uint8
+    # read back through our layout and scales: vLLM's CPU quantization truncates toward zero, so each
+    # element is at most one fp8 step below the original (a misplaced byte would be far off)
+    for stored, original, scale in ((stored_k, keys, 0.5), (stored_v, values, 2.0)):
+        got, x = quant.dequantize(stored, scale), original.transpose(0, 1)
+        info = torch.finfo(quant.fp8)
+        step = x.abs() * info.eps + info.smallest_normal * info.eps * scale
+        assert (got.abs() <= x.abs()).all() and ((x.abs() - got.abs()) <= step).all()
+        assert (torch.sign(got) * torch.sign(x) >= 0).all()
+    # bytes written by us land where vLLM's kernel reads them: round trip through another range
+    paged.scatter(torch.tensor([3, 1]), 0, stored_k, stored_v)
+    again_k, again_v = paged.gather(torch.tensor([3, 1]), 0, 150)
+    assert torch.equal(again_k, stored_k) and torch.equal(again_v, stored_v)
+    assert torch.equal(paged.log_votes, torch.zeros_like(paged.log_votes))  # the padding untouched

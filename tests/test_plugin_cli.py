@@ -117,7 +117,10 @@ def test_llm_bad_settings_raise_naming_the_key():
             ["--kv-compression", "keepkv", "--pipeline-parallel-size", "2"],
             "does not support pipeline parallelism",
         ),
-        (["--kv-compression", "keepkv", "--kv-cache-dtype", "fp8"], "needs --kv-cache-dtype auto"),
+        (
+            ["--kv-compression", "keepkv", "--kv-cache-dtype", "int8_per_token_head"],
+            "supports --kv-cache-dtype",
+        ),
     ],
 )
 def test_vllm_serve_refuses_to_start_with_a_one_line_error(flags, message):

@@ -210,3 +210,51 @@ def test_keepkv_gpu_check_smoke(capsys):
     assert main(["--smoke", "--no-bench"]) == 0
     out = capsys.readouterr().out
     assert "2/2 shapes passed" in out and "| ok: " in out
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_caches_are_read_with_their_scales(kernel, fp8, num_splits):
+    inputs, _ = make_case(7, [40, 19], [1, 3], 2, 2, 32, 16, torch.float32, True)
+    k_scale, v_scale = 0.5, 2.0
+    key_cache, value_cache = inputs["key_cache"], inputs["value_cache"]
+    stored_k = (key_cache / k_scale).nan_to_num(0.0).to(fp8)  # what an fp8 cache holds
+    stored_v = (value_cache / v_scale).nan_to_num(0.0).to(fp8)
+    dequantized = {
+        **inputs,
+        "key_cache": stored_k.float() * k_scale,
+        "value_cache": stored_v.float() * v_scale,
+    }
+    want = kernel.vote_paged_attention(**dequantized, num_splits=num_splits, block_n=16)
+    got = kernel.vote_paged_attention(
+        **{**inputs, "key_cache": stored_k, "value_cache": stored_v},
+        num_splits=num_splits,
+        block_n=16,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["kernel", "interpreter-fallback"])
+def test_store_kv_quantizes_fp8_with_the_scale_and_saturates(kernel, fp8, in_kernel, monkeypatch):
+    monkeypatch.setattr(kernel, "_INTERPRETER_FP8_IN_TORCH", not in_kernel)
+    nb, bs, h, d = 3, 16, 2, 32
+    key_cache = torch.zeros(nb, bs, h, d, dtype=fp8)
+    value_cache = torch.zeros(nb, bs, h, d, dtype=fp8)
+    log_votes = torch.ones(nb, h, bs)
+    # values the format holds exactly after scaling, plus one far past its largest value
+    key = torch.randn(2, h, d).to(fp8).float() * 0.25
+    value = torch.randn(2, h, d).to(fp8).float() * 4.0
+    key[0, 0, 0] = 1e9
+    slots = torch.tensor([5, bs + 2])
+    kernel.store_kv(key, value, key_cache, value_cache, log_votes, slots, k_scale=0.25, v_scale=4.0)
+    limit = torch.finfo(fp8).max
+    want_k = (key / 0.25).clamp(-limit, limit).to(fp8)
+    want_v = (value / 4.0).clamp(-limit, limit).to(fp8)
+    got_k = torch.stack([key_cache[0, 5], key_cache[1, 2]])
+    got_v = torch.stack([value_cache[0, 5], value_cache[1, 2]])
+    assert got_k[0, 0, 0].float() == limit
+    assert torch.equal(got_k.float(), want_k.float()) and torch.equal(got_v.float(), want_v.float())
+    assert log_votes[0, :, 5].eq(0).all() and log_votes[1, :, 2].eq(0).all()

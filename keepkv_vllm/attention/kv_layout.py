@@ -7,10 +7,11 @@ page per block; the physical order inside a page depends on the backend:
   each (block, head) region (engine/cpu_cache.py reads it).
 
 Votes live *inside* vLLM's KV budget: the backend asks for a padded page
-(``AttentionSpec.page_size_padded``) and each block's padding holds float32 log-votes
+(``AttentionSpec.page_size_padded``) and each block's padding holds log-votes
 ``[H_kv, block_size]`` (``log p``; 0 = vote 1, a token never merged). vLLM sizes its block
-pool with the padded page, so votes cost no memory beside the pool: 4 bytes per slot and
-kv-head, 1/(2 d) of an fp32 cache's bytes, 1/d of a 16-bit one's.
+pool with the padded page, so votes cost no memory beside the pool: float32, 4 bytes per slot
+and kv-head (1/(2 d) of an fp32 cache's bytes, 1/d of a 16-bit one's), or float16 beside an
+8-bit (fp8) cache, where 4 bytes would be 2/d of it.
 
 A layout gives slot-range access to one layer whatever its physical form (``PagedKV``).
 """
@@ -21,43 +22,53 @@ from typing import Protocol
 
 import torch
 
-VOTE_DTYPE = torch.float32
-_VOTE_BYTES = 4
+from keepkv_vllm.attention.quant import KVQuant
+
+_ALIGN = 4  # bytes: a page's vote region starts on a float32 boundary
 
 
-def vote_bytes_per_block(num_kv_heads: int, block_size: int) -> int:
-    """Bytes of log-votes a block's page carries (one float32 per slot and kv-head)."""
-    return num_kv_heads * block_size * _VOTE_BYTES
+def vote_dtype(cache_element_size: int) -> torch.dtype:
+    """Log-votes are float32, or float16 beside an 8-bit (fp8) cache."""
+    return torch.float32 if cache_element_size >= 2 else torch.float16
 
 
-def padded_page_bytes(unpadded_page_bytes: int, num_kv_heads: int, block_size: int) -> int:
+def vote_bytes_per_block(num_kv_heads: int, block_size: int, cache_element_size: int = 4) -> int:
+    """Bytes of log-votes a block's page carries (one per slot and kv-head)."""
+    return num_kv_heads * block_size * vote_dtype(cache_element_size).itemsize
+
+
+def padded_page_bytes(
+    unpadded_page_bytes: int, num_kv_heads: int, block_size: int, cache_element_size: int = 4
+) -> int:
     """Page size with room for the block's log-votes after its K/V data."""
-    size = unpadded_page_bytes + vote_bytes_per_block(num_kv_heads, block_size)
-    return -(-size // _VOTE_BYTES) * _VOTE_BYTES  # float32 views need 4-byte alignment
+    size = unpadded_page_bytes + vote_bytes_per_block(num_kv_heads, block_size, cache_element_size)
+    return -(-size // _ALIGN) * _ALIGN
 
 
 def page_votes(kv_cache: torch.Tensor) -> torch.Tensor:
-    """The log-votes of every block: a float32 ``[num_blocks, H_kv, block_size]`` view of the
-    padding that follows each page's K/V data (``kv_cache`` is vLLM's per-layer 4D view)."""
+    """The log-votes of every block: a ``[num_blocks, H_kv, block_size]`` view (``vote_dtype``)
+    of the padding that follows each page's K/V data (``kv_cache`` is vLLM's per-layer 4D view)."""
     num_blocks, num_heads, block_size, content = kv_cache.shape
     elem = kv_cache.element_size()
+    dtype = vote_dtype(elem)
     page = kv_cache.stride(0) * elem
     data = num_heads * block_size * content * elem
-    need = vote_bytes_per_block(num_heads, block_size)
+    need = vote_bytes_per_block(num_heads, block_size, elem)
     if page < data + need:
         raise ValueError(
             f"KV cache page has {page} bytes, {data} of K/V and no room for {need} bytes of votes: "
             "the attention backend's customize_spec did not pad it"
         )
     start = kv_cache.storage_offset() * elem + data
-    if start % _VOTE_BYTES or page % _VOTE_BYTES:
+    if start % _ALIGN or page % _ALIGN:
         raise ValueError(f"vote region misaligned (offset {start}, page {page} bytes)")
-    votes = torch.empty(0, dtype=VOTE_DTYPE, device=kv_cache.device)
+    size = dtype.itemsize
+    votes = torch.empty(0, dtype=dtype, device=kv_cache.device)
     return votes.set_(
         kv_cache.untyped_storage(),
-        start // _VOTE_BYTES,
+        start // size,
         (num_blocks, num_heads, block_size),
-        (page // _VOTE_BYTES, block_size, 1),
+        (page // size, block_size, 1),
     )
 
 
@@ -77,7 +88,7 @@ def allocate_padded_cache(
     """
     elem = torch.empty(0, dtype=dtype).element_size()
     content = 2 * head_dim
-    page = padded_page_bytes(num_kv_heads * block_size * content * elem, num_kv_heads, block_size)
+    page = padded_page_bytes(num_kv_heads * block_size * content * elem, num_kv_heads, block_size, elem)
     raw = torch.zeros(num_blocks * page // elem, dtype=dtype, device=device)
     if slot_major:
         strides = (page // elem, content, num_kv_heads * content, 1)
@@ -96,14 +107,17 @@ class PagedKV(Protocol):
     block_size: int
     num_heads: int
     head_dim: int
-    log_votes: torch.Tensor  # [num_blocks, H_kv, block_size] float32
+    log_votes: torch.Tensor  # [num_blocks, H_kv, block_size], vote_dtype
+    quant: KVQuant  # how K/V are stored: as they are, or fp8 bytes with scales
 
     def gather(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots [start, end): each [H, n, d] in the cache dtype."""
+        """Stored keys and values of slots [start, end): each [H, n, d] in the cache dtype
+        (bytes for fp8: ``quant.dequantize`` turns them into numbers)."""
         ...
 
     def scatter(self, block_ids: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write keys/values [H, n, d] into slots [start, start + n)."""
+        """Write keys/values [H, n, d] into slots [start, start + n): numbers (cast to the cache
+        dtype) for an unquantized cache, stored bytes for an fp8 one."""
         ...
 
     def gather_blocks(self, block_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +157,11 @@ class FlashPagedKV:
     """vLLM's FlashAttention layout: keys and values ``[num_blocks, block_size, H_kv, d]``
     views of the slot-major page, as FlashAttention and the Triton kernel read them."""
 
-    def __init__(self, kv_cache: torch.Tensor) -> None:
+    def __init__(self, kv_cache: torch.Tensor, quant: KVQuant | None = None) -> None:
         num_blocks, self.num_heads, self.block_size, content = kv_cache.shape
         self.head_dim = content // 2
         self.kv_cache = kv_cache
+        self.quant = quant or KVQuant()
         self.key_cache, self.value_cache = kv_cache.transpose(1, 2).split(self.head_dim, dim=-1)
         self.log_votes = page_votes(kv_cache)
 

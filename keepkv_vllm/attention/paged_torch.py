@@ -19,8 +19,13 @@ def paged_vote_attention(
     slots [0, seq_len) are read through ``block_ids``. Returns [n_q, H_q, d] float32
     (float64 if the cache is float64).
     """
-    keys, values = cache.gather(block_ids, 0, seq_len)
-    votes = gather_votes(cache.log_votes, block_ids, 0, seq_len).exp()
+    stored_keys, stored_values = cache.gather(block_ids, 0, seq_len)
+    quant = cache.quant
+    keys, values = (
+        quant.dequantize(stored_keys, quant.k_scale),
+        quant.dequantize(stored_values, quant.v_scale),
+    )
+    votes = gather_votes(cache.log_votes, block_ids, 0, seq_len).float().exp()
     out = vote_attention(query.transpose(0, 1), keys, values, votes, causal=True, scale=scale)
     return out.transpose(0, 1)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from keepkv_vllm.attention.kv_layout import PagedKV, gather_votes, scatter_votes
-from keepkv_vllm.methods.base import KVCompressionMethod
+from keepkv_vllm.attention.quant import KVQuant
+from keepkv_vllm.methods.base import CompressionResult, KVCompressionMethod
 
 #: attribute of vLLM's SchedulerOutput carrying this step's orders to the workers
 ORDERS_ATTR = "kv_compression_orders"
@@ -52,6 +53,7 @@ class LayerCache:
 class CompactionStats:
     tokens_removed: int = 0  # slots removed per head, summed over layers and heads
     tokens_merged: int = 0  # of which folded into a survivor
+    saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
 
 
 @dataclass
@@ -62,6 +64,7 @@ class WorkerTotals:
     tokens_merged: int = 0  # slots folded into survivors, all layers and heads
     tokens_removed: int = 0  # slots removed, all layers and heads
     compaction_seconds: float = 0.0
+    saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
     # which orders ran, in which order (request, slots before and after): every tensor-parallel
     # rank of an engine must report the same digest
     order_digest: int = 0
@@ -70,6 +73,7 @@ class WorkerTotals:
         self.orders += 1
         self.tokens_merged += stats.tokens_merged
         self.tokens_removed += stats.tokens_removed
+        self.saturated += stats.saturated
         self.compaction_seconds += seconds
         key = f"{order.req_id}:{order.kv_len_before}:{order.kv_len_after}".encode()
         self.order_digest = zlib.crc32(key, self.order_digest)
@@ -80,6 +84,7 @@ class WorkerTotals:
             "tokens_merged": self.tokens_merged,
             "tokens_removed": self.tokens_removed,
             "compaction_seconds": self.compaction_seconds,
+            "saturated_elements": self.saturated,
             "order_digest": self.order_digest,
         }
 
@@ -121,15 +126,16 @@ def compact_request(
     host sync per order, not per layer).
     """
     src = dst = None
-    merged = removed = 0
+    counts = torch.zeros(3, dtype=torch.long)
     for paged, queries in layers:
         if src is None:
             device = paged.log_votes.device
             src = torch.tensor(order.src_block_ids, dtype=torch.long, device=device)
             dst = torch.tensor(order.block_ids, dtype=torch.long, device=device)
-        m, r = compact_layer(LayerCache(paged, queries), order, method, src, dst)
-        merged, removed = merged + m, removed + r
-    return CompactionStats(tokens_removed=int(removed), tokens_merged=int(merged))
+            counts = counts.to(device)
+        counts += compact_layer(LayerCache(paged, queries), order, method, src, dst)
+    merged, removed, saturated = counts.tolist()
+    return CompactionStats(tokens_removed=removed, tokens_merged=merged, saturated=saturated)
 
 
 def compact_layer(
@@ -138,14 +144,43 @@ def compact_layer(
     method: KVCompressionMethod,
     src: torch.Tensor,
     dst: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compress one layer of the request; returns (slots merged, slots removed), summed over heads."""
-    log_votes = layer.kv.log_votes
+) -> torch.Tensor:
+    """Compress one layer of the request; returns [slots merged, slots removed, fp8 elements saturated]."""
+    kv, quant = layer.kv, layer.kv.quant
     lo, hi = order.frozen_slots, order.kv_len_before
-    keys, values = layer.kv.gather(src, lo, hi)
-    votes = gather_votes(log_votes, src, lo, hi).exp()  # the methods work on vote counts p
+    stored_keys, stored_values = kv.gather(src, lo, hi)
+    keys, values = (
+        quant.dequantize(stored_keys, quant.k_scale),
+        quant.dequantize(stored_values, quant.v_scale),
+    )
+    votes = gather_votes(kv.log_votes, src, lo, hi).float().exp()  # the methods work on vote counts p
     queries = layer.window_queries.to(keys.dtype)  # kept in 16 bits; scored in the cache dtype
     result = method.compress(keys, values, votes, queries, order.kv_len_after - lo)
-    layer.kv.scatter(dst, lo, result.keys, result.values)
-    scatter_votes(log_votes, dst, lo, result.votes.float().log())
-    return result.num_merged.sum(), (result.num_merged + result.num_dropped).sum()
+    out_keys, out_values, saturated = result.keys, result.values, torch.zeros((), dtype=torch.long)
+    if quant.quantized:
+        out_keys, out_values, saturated = _requantize(quant, stored_keys, stored_values, keys, values, result)
+    kv.scatter(dst, lo, out_keys, out_values)
+    scatter_votes(kv.log_votes, dst, lo, result.votes.float().log())
+    merged, dropped = result.num_merged.sum(), result.num_dropped.sum()
+    return torch.stack([merged, merged + dropped, saturated.to(merged.device)])
+
+
+def _requantize(
+    quant: KVQuant,
+    stored_keys: torch.Tensor,
+    stored_values: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    result: CompressionResult,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp8 bytes of the B survivors: a slot the method only kept is moved as its own bytes; a
+    merged one is quantized with the layer's scales, saturating (the count is returned)."""
+    index = result.kept_index.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+    same = (result.keys == keys.gather(1, index)) & (result.values == values.gather(1, index))
+    changed = ~same.all(dim=-1, keepdim=True)  # [H, B, 1]
+    new_keys, clipped_keys = quant.quantize(result.keys, quant.k_scale)
+    new_values, clipped_values = quant.quantize(result.values, quant.v_scale)
+    saturated = (clipped_keys & changed).sum() + (clipped_values & changed).sum()
+    out_keys = torch.where(changed, new_keys, stored_keys.gather(1, index))
+    out_values = torch.where(changed, new_values, stored_values.gather(1, index))
+    return out_keys, out_values, saturated

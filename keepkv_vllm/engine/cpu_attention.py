@@ -31,6 +31,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from keepkv_vllm.attention.kv_layout import gather_block_votes
 from keepkv_vllm.attention.paged_torch import batched_vote_decode, paged_vote_attention
+from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.cpu_cache import CPUPagedKV
 from keepkv_vllm.engine.vote_pages import record_window, spec_with_votes
@@ -38,10 +39,12 @@ from keepkv_vllm.engine.worker_state import VotedDecodeBatch
 
 
 class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
-    @staticmethod
-    def paged_kv(layer: torch.nn.Module, kv_cache: torch.Tensor) -> CPUPagedKV:
-        """The layer's cache in the CPU kernels' packed layout."""
-        return CPUPagedKV(kv_cache, layer.isa)
+    def paged_kv(
+        self, layer: torch.nn.Module, kv_cache: torch.Tensor, model_dtype: torch.dtype
+    ) -> CPUPagedKV:
+        """The layer's cache in the CPU kernels' packed layout (fp8 with the layer's scales)."""
+        quant = KVQuant.for_cache(self.kv_cache_dtype, layer._k_scale_float, layer._v_scale_float)
+        return CPUPagedKV(kv_cache, layer.isa, self.kv_cache_dtype, quant, model_dtype)
 
     def do_kv_cache_update(
         self,
@@ -107,10 +110,11 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
     def _batched_decode(self, q: torch.Tensor, paged: CPUPagedKV, batch: VotedDecodeBatch) -> torch.Tensor:
         """softmax(q.k * scale + log p) @ V for all voted decode requests at once: [R, H_q, d]."""
         keys, values = paged.gather_blocks(batch.block_index)
+        quant = paged.quant
         return batched_vote_decode(
             q[batch.token_index],
-            keys,
-            values,
+            quant.dequantize(keys, quant.k_scale),
+            quant.dequantize(values, quant.v_scale),
             gather_block_votes(paged.log_votes, batch.block_index),
             batch.valid,
             self.scale,

@@ -20,6 +20,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from keepkv_vllm.attention.kv_layout import page_votes
+from keepkv_vllm.attention.quant import KVQuant
 
 
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,29 +31,44 @@ def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=16)
 def probe_layout(
-    isa: str, block_size: int, head_dim: int, dtype: torch.dtype
+    isa: str,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str = "auto",
+    input_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Offsets inside one (block, head) region of token t, dim c: (key_perm, value_perm) [bs * d].
 
-    Probe values stay small integers (exact in bf16/fp16): the token index, then the dim
-    split in base 128.
+    Probe values are small integers written one digit at a time, exact in every cache format:
+    base 128 for bf16/fp16/fp32, base 8 for fp8 (e5m2 has 2 mantissa bits).
     """
     if block_size > 256:
         raise ValueError(f"block_size {block_size} > 256 is not supported by the CPU layout probe")
+    quant = KVQuant.for_cache(kv_cache_dtype)
+    base = 8 if quant.quantized else 128
+    digits = 3 if quant.quantized else 2  # 8**3 = 512 >= 256 slots and 512 dims; 128**2 likewise
     t = torch.arange(block_size).view(block_size, 1, 1).expand(block_size, 1, head_dim)
     c = torch.arange(head_dim).view(1, 1, head_dim).expand(block_size, 1, head_dim)
     slots = torch.arange(block_size, dtype=torch.long)
-    readings = []
-    for fill in (t, c % 128, c // 128):
-        kv = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=dtype)
-        key_cache, value_cache = split_kv(kv)
-        probe = fill.to(dtype).contiguous()
-        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, slots, isa)
-        readings.append((key_cache[0, 0].reshape(-1).long(), value_cache[0, 0].reshape(-1).long()))
+    tokens, dims = (
+        torch.zeros(2, block_size * head_dim, dtype=torch.long),
+        torch.zeros(2, block_size * head_dim, dtype=torch.long),
+    )
+    for i in range(digits):
+        for index, out in ((t, tokens), (c, dims)):
+            kv = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=dtype)
+            key_cache, value_cache = split_kv(kv)
+            probe = ((index // base**i) % base).to(input_dtype or dtype).contiguous()
+            ops.cpu_attn_reshape_and_cache(
+                probe, probe, key_cache, value_cache, slots, isa, 1.0, 1.0, kv_cache_dtype
+            )
+            for which, cache in enumerate((key_cache, value_cache)):
+                read = quant.dequantize(cache[0, 0].reshape(-1), 1.0).round().long()
+                out[which] += read * base**i
     perms = []
     for which in (0, 1):
-        tok, lo, hi = (r[which] for r in readings)
-        flat = tok * head_dim + hi * 128 + lo  # which (t, c) each offset holds
+        flat = tokens[which] * head_dim + dims[which]  # which (t, c) each offset holds
         if not torch.equal(flat.sort().values, torch.arange(block_size * head_dim)):
             raise ValueError(
                 f"unsupported CPU KV cache layout (isa={isa}, block_size={block_size}, d={head_dim})"
@@ -105,13 +121,24 @@ def strided_layout(
 class CPUPagedKV:
     """One layer's CPU KV cache, read and written per request slot range (a ``PagedKV``)."""
 
-    def __init__(self, kv_cache: torch.Tensor, isa: str) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        isa: str,
+        kv_cache_dtype: str = "auto",
+        quant: KVQuant | None = None,
+        model_dtype: torch.dtype | None = None,
+    ) -> None:
         self.kv_cache = kv_cache
         self.key_cache, self.value_cache = split_kv(kv_cache)
         self.log_votes = page_votes(kv_cache)
+        self.quant = quant or KVQuant()
         nb, self.num_heads, self.block_size, self.head_dim = self.key_cache.shape
         self.isa = isa
-        self.key_perm, self.value_perm = probe_layout(isa, self.block_size, self.head_dim, kv_cache.dtype)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.key_perm, self.value_perm = probe_layout(
+            isa, self.block_size, self.head_dim, kv_cache.dtype, kv_cache_dtype, model_dtype
+        )
         self.key_layout = strided_layout(self.key_perm, self.block_size, self.head_dim)
         self.value_layout = strided_layout(self.value_perm, self.block_size, self.head_dim)
 
@@ -153,24 +180,37 @@ class CPUPagedKV:
             return keys[0, :, lo:hi], values[0, :, lo:hi]
         return self._gather_by_index(block_ids, start, end)
 
+    def _element_index(
+        self, block_ids: torch.Tensor, start: int, end: int, perm: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Index of every element of slots [start, end) in a ``_region`` view: (block, head, offset)."""
+        slots = torch.arange(start, end)
+        blk = block_ids[slots // self.block_size]
+        within = (slots % self.block_size).view(-1, 1) * self.head_dim + torch.arange(self.head_dim)  # [n, d]
+        heads = torch.arange(self.num_heads).view(1, -1, 1)
+        return blk.view(-1, 1, 1), heads, perm[within].unsqueeze(1)  # broadcast to [n, H, d]
+
     def _gather_by_index(
         self, block_ids: torch.Tensor, start: int, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``gather`` through the probed permutation, one index per element (any layout)."""
-        slots = torch.arange(start, end)
-        blk = block_ids[slots // self.block_size]
-        within = (slots % self.block_size).view(-1, 1) * self.head_dim + torch.arange(self.head_dim)  # [n, d]
         out = []
         for cache, perm in ((self.key_cache, self.key_perm), (self.value_cache, self.value_perm)):
-            region = self._region(cache)  # [nb, H, bs*d]
-            idx = perm[within]  # [n, d]
-            heads = torch.arange(self.num_heads).view(1, -1, 1)
-            out.append(region[blk.view(-1, 1, 1), heads, idx.unsqueeze(1)].transpose(0, 1))
+            out.append(self._region(cache)[self._element_index(block_ids, start, end, perm)].transpose(0, 1))
         return out[0], out[1]
 
     def scatter(self, block_ids: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write keys/values [H, n, d] into slots [start, start + n) with vLLM's own op."""
-        slots = torch.arange(start, start + keys.shape[1])
+        """Write keys/values [H, n, d] into slots [start, start + n): numbers through vLLM's own op,
+        fp8 bytes through the probed permutation (the op would quantize them again)."""
+        end = start + keys.shape[1]
+        if self.quant.quantized:
+            for cache, perm, data in (
+                (self.key_cache, self.key_perm, keys),
+                (self.value_cache, self.value_perm, values),
+            ):
+                self._region(cache)[self._element_index(block_ids, start, end, perm)] = data.transpose(0, 1)
+            return
+        slots = torch.arange(start, end)
         slot_mapping = block_ids[slots // self.block_size] * self.block_size + slots % self.block_size
         dt = self.kv_cache.dtype
         ops.cpu_attn_reshape_and_cache(

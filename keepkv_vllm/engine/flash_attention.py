@@ -42,6 +42,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, page_votes
+from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.vote_pages import record_window, spec_with_votes
 from keepkv_vllm.kernels.triton_vote_attention import (
@@ -213,10 +214,14 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
         self.flash_impl: Any = None  # vLLM's FlashAttentionImpl for prefill rows, built on CUDA
         self._views: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
-    @staticmethod
-    def paged_kv(layer: torch.nn.Module, kv_cache: torch.Tensor) -> FlashPagedKV:
-        """The layer's cache in FlashAttention's slot-major layout."""
-        return FlashPagedKV(kv_cache)
+    def paged_kv(
+        self, layer: torch.nn.Module, kv_cache: torch.Tensor, model_dtype: torch.dtype
+    ) -> FlashPagedKV:
+        """The layer's cache in FlashAttention's slot-major layout (fp8 with the layer's scales)."""
+        return FlashPagedKV(kv_cache, self._quant(layer))
+
+    def _quant(self, layer: torch.nn.Module) -> KVQuant:
+        return KVQuant.for_cache(self.kv_cache_dtype, layer._k_scale_float, layer._v_scale_float)
 
     def get_impl_variants(self) -> tuple[Any, ...]:
         return (self,) if self.flash_impl is None else (self, self.flash_impl)
@@ -224,7 +229,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
     def _cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # one layer per impl: build the views once per cache tensor (vLLM may re-create it)
         if self._views is None or self._views[0] is not kv_cache:
-            self._views = (kv_cache, cache_views(kv_cache))
+            self._views = (kv_cache, cache_views(kv_cache, KVQuant.for_cache(self.kv_cache_dtype).fp8))
         return self._views[1]
 
     def _flash(self) -> Any:
@@ -251,6 +256,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
         meta = attn_metadata
+        quant = self._quant(layer)
         n = meta.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
@@ -273,9 +279,11 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
                 out=out[: d.num_tokens],
                 num_splits=d.num_splits,
                 workspace=meta.workspace,
+                k_scale=quant.k_scale,
+                v_scale=quant.v_scale,
             )
         if meta.prefill is not None:
-            self._prefill(layer, query, key, value, kv_cache, meta.prefill, out)
+            self._prefill(layer, query, key, value, kv_cache, meta.prefill, out, quant)
         return output
 
     def _prefill(
@@ -287,6 +295,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
         kv_cache: torch.Tensor,
         p: PrefillRows,
         out: torch.Tensor,
+        quant: KVQuant,
     ) -> None:
         lo, hi = p.first_token, p.first_token + p.num_tokens
         if p.flash is not None:
@@ -307,6 +316,8 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
             p.max_query_len,
             self.scale,
             out=out[lo:hi],
+            k_scale=quant.k_scale,
+            v_scale=quant.v_scale,
         )
 
     def do_kv_cache_update(
@@ -318,13 +329,17 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
         slot_mapping: torch.Tensor,
     ) -> None:
         key_cache, value_cache, log_votes = self._cache_views(kv_cache)
-        store_kv(key, value, key_cache, value_cache, log_votes, slot_mapping)
+        quant = self._quant(layer)
+        store_kv(key, value, key_cache, value_cache, log_votes, slot_mapping, quant.k_scale, quant.v_scale)
 
 
-def cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys and values ``[num_blocks, block_size, H_kv, d]`` and log-votes ``[num_blocks, H_kv,
-    block_size]`` of one layer's page-padded cache, as views."""
+def cache_views(kv_cache: torch.Tensor, fp8: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """Keys and values ``[num_blocks, block_size, H_kv, d]`` (as ``fp8`` for an fp8 cache, whose
+    bytes vLLM keeps as uint8) and log-votes ``[num_blocks, H_kv, block_size]`` of one layer's
+    page-padded cache, as views."""
     key_cache, value_cache = kv_cache.transpose(1, 2).split(kv_cache.shape[-1] // 2, dim=-1)
+    if fp8 is not None:
+        key_cache, value_cache = key_cache.view(fp8), value_cache.view(fp8)
     return key_cache, value_cache, page_votes(kv_cache)
 
 
@@ -333,7 +348,15 @@ class KeepKVFlashAttentionBackend(AttentionBackend):
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    # fp8: the Triton kernels read and write it with vLLM's per-tensor scales
+    supported_kv_cache_dtypes: ClassVar[list[str]] = [
+        "auto",
+        "float16",
+        "bfloat16",
+        "fp8",
+        "fp8_e4m3",
+        "fp8_e5m2",
+    ]
 
     @staticmethod
     def get_name() -> str:

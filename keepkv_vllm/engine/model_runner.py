@@ -104,7 +104,8 @@ class CompressionRunnerMixin:
         window_bytes = state.window.allocate(heads, geometry.dtype, self.device)
         total, num_blocks, num_layers = pool_bytes(kv_cache_config)
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        votes = num_blocks * num_layers * vote_bytes_per_block(spec.num_kv_heads, spec.block_size)
+        element = torch.empty(0, dtype=spec.dtype).element_size()
+        votes = num_blocks * num_layers * vote_bytes_per_block(spec.num_kv_heads, spec.block_size, element)
         self.kvc_memory = SideMemory(total, votes, rows, window_bytes, self.kvc_scratch_bytes())
         logger.info(
             "kv compression: %d blocks of %d tokens; %s",
@@ -119,7 +120,7 @@ class CompressionRunnerMixin:
         for name, module in self.compilation_config.static_forward_context.items():
             impl, kv_cache = getattr(module, "impl", None), getattr(module, "kv_cache", None)
             if hasattr(impl, "paged_kv") and isinstance(kv_cache, torch.Tensor):
-                layers[name] = impl.paged_kv(module, kv_cache)
+                layers[name] = impl.paged_kv(module, kv_cache, self.model_config.dtype)
         return layers
 
     # -- step ----------------------------------------------------------------------------

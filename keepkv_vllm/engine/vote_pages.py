@@ -24,7 +24,8 @@ def spec_with_votes(spec: Any) -> Any:
             f"kv compression: this model's KV pages are already padded ({spec.page_size_padded} bytes); "
             "there is no room for votes"
         )
-    padded = padded_page_bytes(spec.unpadded_page_size_bytes, spec.num_kv_heads, spec.block_size)
+    element = torch.empty(0, dtype=spec.dtype).element_size()
+    padded = padded_page_bytes(spec.unpadded_page_size_bytes, spec.num_kv_heads, spec.block_size, element)
     return replace(spec, page_size_padded=padded)
 
 

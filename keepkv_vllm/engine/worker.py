@@ -146,6 +146,7 @@ class KeepKVGPUWorker(CompressionWorkerMixin, Worker):
                 num_q_heads=model.get_num_attention_heads(self.vllm_config.parallel_config),
                 num_kv_heads=spec.num_kv_heads,
                 device=self.device,
+                kv_cache_dtype=self.cache_config.cache_dtype,
             )
         except SelfCheckError as e:
             raise RuntimeError(f"kv compression GPU self-check failed: {e}") from None

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache, gather_block_votes
 from keepkv_vllm.attention.paged_torch import batched_vote_decode
+from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.attention.reference import vote_attention
 
 #: max |kernel - reference| allowed, by cache dtype (outputs are O(1))
@@ -33,44 +35,62 @@ class SelfCheckError(RuntimeError):
     """A kernel failed to compile or disagreed with the torch reference (one-line message)."""
 
 
+@dataclass
+class Problem:
+    """A small paged problem in the engine's page layout, written by the store kernel."""
+
+    cache: FlashPagedKV  # slot-major pages, log-votes in the padding; fp8 caches hold bytes
+    key_view: torch.Tensor  # what the kernels read: the K/V views, as fp8 for an fp8 cache
+    value_view: torch.Tensor
+    table: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: list[int]
+    written: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values, slots given to store_kv
+
+    def dense(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's keys and values [n, H_kv, d] as the cache holds them (dequantized)."""
+        quant = self.cache.quant
+        k, v = self.cache.gather(self.table[i].long(), 0, self.seq_lens[i])
+        return quant.dequantize(k, quant.k_scale).transpose(0, 1), quant.dequantize(
+            v, quant.v_scale
+        ).transpose(0, 1)
+
+
 def _paged_problem(
     dtype: torch.dtype,
     head_size: int,
     block_size: int,
     num_kv_heads: int,
-    seq_lens: list[int],
+    quant: KVQuant,
     device: torch.device,
-) -> tuple[FlashPagedKV, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """A padded slot-major cache filled through ``store_kv``; returns (cache, block table,
-    each sequence's (keys, values) [n, H_kv, d], slot mapping used)."""
+) -> Problem:
     from keepkv_vllm.kernels.triton_vote_attention import store_kv
 
-    g = torch.Generator().manual_seed(len(seq_lens) * 1009 + head_size)
+    seq_lens = [3 * block_size + 5, block_size - 1, 2 * block_size]
+    g = torch.Generator().manual_seed(head_size * 7 + block_size)
     per_seq = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(per_seq) + 2
-    cache = FlashPagedKV(
-        allocate_padded_cache(num_blocks, num_kv_heads, block_size, head_size, dtype, device=device)
-    )
+    storage = torch.uint8 if quant.quantized else dtype
+    kv = allocate_padded_cache(num_blocks, num_kv_heads, block_size, head_size, storage, device=device)
+    cache = FlashPagedKV(kv, quant)
+    key_view, value_view = cache.key_cache, cache.value_cache
+    if quant.quantized:
+        key_view, value_view = key_view.view(quant.fp8), value_view.view(quant.fp8)
     perm = torch.randperm(num_blocks, generator=g)
     table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
-    slots, keys, values, dense, used = [], [], [], [], 0
+    slots, used = [], 0
     for i, n in enumerate(seq_lens):
         ids = perm[used : used + per_seq[i]]
         used += per_seq[i]
         table[i, : per_seq[i]] = ids.to(torch.int32)
         pos = torch.arange(n)
         slots.append(ids[pos // block_size] * block_size + pos % block_size)
-        k = torch.randn(n, num_kv_heads, head_size, generator=g)
-        v = torch.randn(n, num_kv_heads, head_size, generator=g)
-        keys.append(k)
-        values.append(v)
-        dense.append((k.to(dtype).to(device), v.to(dtype).to(device)))
+    total = sum(seq_lens)
     slot_mapping = torch.cat([torch.cat(slots), torch.tensor([-1, -1])]).to(device)  # plus padding
-    key = torch.cat([*keys, torch.zeros(2, num_kv_heads, head_size)]).to(dtype).to(device)
-    value = torch.cat([*values, torch.zeros(2, num_kv_heads, head_size)]).to(dtype).to(device)
+    key = torch.randn(total + 2, num_kv_heads, head_size, generator=g).to(dtype).to(device)
+    value = torch.randn(total + 2, num_kv_heads, head_size, generator=g).to(dtype).to(device)
     cache.log_votes.fill_(float("nan"))  # every written slot must be reset to log 1 = 0
-    store_kv(key, value, cache.key_cache, cache.value_cache, cache.log_votes, slot_mapping)
-    return cache, table.to(device), dense, slot_mapping
+    store_kv(key, value, key_view, value_view, cache.log_votes, slot_mapping, quant.k_scale, quant.v_scale)
+    return Problem(cache, key_view, value_view, table.to(device), seq_lens, (key, value, slot_mapping))
 
 
 def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float, where: str) -> float:
@@ -89,41 +109,36 @@ def self_check(
     num_q_heads: int,
     num_kv_heads: int,
     device: torch.device | str,
+    kv_cache_dtype: str = "auto",
 ) -> str:
     """Run the store, decode (with votes, 1 and 4 splits) and prefill kernels against torch."""
     from keepkv_vllm.kernels.triton_vote_attention import vote_paged_attention
 
     device = torch.device(device)
-    where = f"{dtype}, head size {head_size}, block size {block_size}, {num_q_heads}q/{num_kv_heads}kv heads"
+    quant = KVQuant.for_cache(kv_cache_dtype, k_scale=0.5, v_scale=2.0)  # fp8: scales other than 1
+    cache_name = f", {kv_cache_dtype} KV" if quant.quantized else ""
+    heads = f"{num_q_heads}q/{num_kv_heads}kv heads"
+    where = f"{dtype}{cache_name}, head size {head_size}, block size {block_size}, {heads}"
     tol = TOLERANCE[dtype]
-    seq_lens = [3 * block_size + 5, block_size - 1, 2 * block_size]
     try:
-        cache, table, dense, slots = _paged_problem(
-            dtype, head_size, block_size, num_kv_heads, seq_lens, device
-        )
-        errors = [_check_store(cache, dense, slots, block_size, where)]
+        problem = _paged_problem(dtype, head_size, block_size, num_kv_heads, quant, device)
+        errors = [_check_store(problem, where)]
         g = torch.Generator().manual_seed(head_size)
-        votes = torch.rand(cache.log_votes.shape, generator=g).mul(3).add(1).log().to(device)
-        cache.log_votes.copy_(votes)
-        lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-        q = torch.randn(len(seq_lens), num_q_heads, head_size, generator=g).to(dtype).to(device)
-        want = _decode_reference(q, cache, table, seq_lens, head_size**-0.5)
-        qsl = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=device)
+        cache = problem.cache
+        votes = torch.rand(cache.log_votes.shape, generator=g).mul(3).add(1).log()
+        cache.log_votes.copy_(votes.to(cache.log_votes.dtype).to(device))
+        seqs = len(problem.seq_lens)
+        lens = torch.tensor(problem.seq_lens, dtype=torch.int32, device=device)
+        q = torch.randn(seqs, num_q_heads, head_size, generator=g).to(dtype).to(device)
+        want = _decode_reference(q, problem, head_size**-0.5)
+        qsl = torch.arange(seqs + 1, dtype=torch.int32, device=device)
         for splits in (1, 4):
             out = vote_paged_attention(
-                q,
-                cache.key_cache,
-                cache.value_cache,
-                cache.log_votes,
-                table,
-                lens,
-                qsl,
-                1,
-                head_size**-0.5,
-                num_splits=splits,
-            )
+                q, problem.key_view, problem.value_view, cache.log_votes, problem.table, lens, qsl, 1,
+                head_size**-0.5, num_splits=splits, k_scale=quant.k_scale, v_scale=quant.v_scale,
+            )  # fmt: skip
             errors.append(_check(f"decode attention with votes ({splits} splits)", out, want, tol, where))
-        errors.append(_check_prefill(cache, table, dense, seq_lens, num_q_heads, g, tol, where))
+        errors.append(_check_prefill(problem, num_q_heads, g, tol, where))
     except SelfCheckError:
         raise
     except Exception as e:  # a Triton compile error, an illegal address, ...
@@ -133,55 +148,64 @@ def self_check(
     return f"max errors store/decode/decode-split/prefill {', '.join(f'{x:.1e}' for x in errors)} ({where})"
 
 
-def _check_store(cache: FlashPagedKV, dense: list, slots: torch.Tensor, block_size: int, where: str) -> float:
-    keys = torch.cat([k for k, _ in dense])
-    values = torch.cat([v for _, v in dense])
-    real = slots[: keys.shape[0]].long()
-    blk, off = real // block_size, real % block_size
-    if not (
-        torch.equal(cache.key_cache[blk, off], keys) and torch.equal(cache.value_cache[blk, off], values)
-    ):
-        raise SelfCheckError(f"store_kv: cache contents differ from the keys/values written ({where})")
-    if not torch.equal(cache.log_votes[blk, :, off], torch.zeros_like(cache.log_votes[blk, :, off])):
+def _check_store(problem: Problem, where: str) -> float:
+    """Every written slot holds its key and value (within fp8 rounding) and has vote 1."""
+    cache, quant = problem.cache, problem.cache.quant
+    key, value, slots = problem.written
+    real = (slots >= 0).nonzero().view(-1)
+    blk, off = slots[real] // cache.block_size, slots[real] % cache.block_size
+    stored_k = quant.dequantize(cache.key_cache[blk, off], quant.k_scale).float()
+    stored_v = quant.dequantize(cache.value_cache[blk, off], quant.v_scale).float()
+    want_k, want_v = key[real].float(), value[real].float()
+    # fp8 rounds to nearest: within half a step (relative; absolute below the smallest normal)
+    rel = step = 0.0
+    if quant.quantized:
+        info = torch.finfo(quant.fp8)
+        rel, step = info.eps / 2, info.smallest_normal * info.eps / 2
+    error = max(
+        ((stored_k - want_k).abs() - rel * want_k.abs() - step * quant.k_scale).max().item(),
+        ((stored_v - want_v).abs() - rel * want_v.abs() - step * quant.v_scale).max().item(),
+    )
+    if error > 1e-6:
+        raise SelfCheckError(
+            f"store_kv: cache contents differ from the keys/values written by {error:.1e} ({where})"
+        )
+    reset = cache.log_votes[blk, :, off]
+    if not torch.equal(reset, torch.zeros_like(reset)):
         raise SelfCheckError(f"store_kv: written slots' votes were not reset ({where})")
-    return 0.0
+    return max(error, 0.0)
 
 
-def _decode_reference(
-    q: torch.Tensor, cache: FlashPagedKV, table: torch.Tensor, seq_lens: list[int], scale: float
-) -> torch.Tensor:
-    block_index = table.long()
+def _decode_reference(q: torch.Tensor, problem: Problem, scale: float) -> torch.Tensor:
+    cache, quant = problem.cache, problem.cache.quant
+    block_index = problem.table.long()
     keys, values = cache.gather_blocks(block_index)
+    keys, values = quant.dequantize(keys, quant.k_scale), quant.dequantize(values, quant.v_scale)
     width = keys.shape[2]
-    valid = torch.arange(width, device=q.device) < torch.tensor(seq_lens, device=q.device).view(-1, 1)
+    valid = torch.arange(width, device=q.device) < torch.tensor(problem.seq_lens, device=q.device).view(-1, 1)
     return batched_vote_decode(
         q, keys, values, gather_block_votes(cache.log_votes, block_index), valid, scale
     )
 
 
-def _check_prefill(
-    cache: FlashPagedKV,
-    table: torch.Tensor,
-    dense: list,
-    seq_lens: list[int],
-    num_q_heads: int,
-    g: torch.Generator,
-    tol: float,
-    where: str,
-) -> float:
+def _check_prefill(problem: Problem, num_q_heads: int, g: torch.Generator, tol: float, where: str) -> float:
     """Chunked prefill (no votes): the newest q_len tokens of each sequence, causal."""
     from keepkv_vllm.kernels.triton_vote_attention import vote_paged_attention
 
-    device, dtype, d = table.device, cache.key_cache.dtype, cache.head_dim
-    q_lens = [min(n, 7 + i) for i, n in enumerate(seq_lens)]
+    cache, quant = problem.cache, problem.cache.quant
+    device, d = problem.table.device, cache.head_dim
+    dtype = problem.written[0].dtype
+    q_lens = [min(n, 7 + i) for i, n in enumerate(problem.seq_lens)]
     q = torch.randn(sum(q_lens), num_q_heads, d, generator=g).to(dtype).to(device)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    lens = torch.tensor(problem.seq_lens, dtype=torch.int32, device=device)
     out = vote_paged_attention(
-        q, cache.key_cache, cache.value_cache, None, table, lens, qsl, max(q_lens), d**-0.5
-    )
+        q, problem.key_view, problem.value_view, None, problem.table, lens, qsl, max(q_lens), d**-0.5,
+        k_scale=quant.k_scale, v_scale=quant.v_scale,
+    )  # fmt: skip
     want = torch.empty_like(out, dtype=torch.float32)
-    for i, (k, v) in enumerate(dense):
+    for i in range(len(problem.seq_lens)):
+        k, v = problem.dense(i)
         rows = slice(int(qsl[i]), int(qsl[i + 1]))
         ref = vote_attention(
             q[rows].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True, scale=d**-0.5
@@ -193,36 +217,35 @@ def _check_prefill(
 # -- the console script ---------------------------------------------------------------------
 
 GRID = [
-    # (dtype, head size, block size, query heads, kv heads): Llama/Qwen/Mistral-like shapes
-    (torch.bfloat16, 128, 16, 32, 8),
-    (torch.float16, 128, 16, 32, 8),
-    (torch.bfloat16, 128, 32, 28, 4),
-    (torch.bfloat16, 64, 16, 9, 3),
-    (torch.bfloat16, 128, 16, 64, 8),
-    (torch.bfloat16, 256, 16, 8, 4),
-    (torch.float32, 64, 16, 4, 4),
+    # (dtype, head size, block size, query heads, kv heads, KV cache dtype): Llama/Qwen/Mistral-like
+    (torch.bfloat16, 128, 16, 32, 8, "auto"),
+    (torch.float16, 128, 16, 32, 8, "auto"),
+    (torch.bfloat16, 128, 32, 28, 4, "auto"),
+    (torch.bfloat16, 64, 16, 9, 3, "auto"),
+    (torch.bfloat16, 128, 16, 64, 8, "auto"),
+    (torch.bfloat16, 256, 16, 8, 4, "auto"),
+    (torch.float32, 64, 16, 4, 4, "auto"),
+    (torch.bfloat16, 128, 16, 32, 8, "fp8"),
+    (torch.bfloat16, 128, 16, 32, 8, "fp8_e5m2"),
 ]
-SMOKE_GRID = [(torch.float32, 32, 16, 4, 2), (torch.float32, 64, 16, 9, 3)]
+SMOKE_GRID = [(torch.float32, 32, 16, 4, 2, "auto"), (torch.float32, 64, 16, 9, 3, "fp8")]
 
 
 def run_grid(grid: list[tuple], device: torch.device) -> list[dict]:
     rows = []
-    print("| dtype | head size | block | q/kv heads | result | seconds |")
-    print("|---|---:|---:|---:|---|---:|")
-    for dtype, d, bs, hq, hkv in grid:
+    print("| dtype | KV | head size | block | q/kv heads | result | seconds |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for dtype, d, bs, hq, hkv, kv in grid:
         start = time.perf_counter()
         try:
-            report, ok = self_check(dtype, d, bs, hq, hkv, device), True
+            report, ok = self_check(dtype, d, bs, hq, hkv, device, kv), True
         except SelfCheckError as e:
             report, ok = str(e), False
         seconds = time.perf_counter() - start
-        rows.append(
-            dict(dtype=str(dtype), head_size=d, block_size=bs, q_heads=hq, kv_heads=hkv, ok=ok, report=report)
-        )
-        print(
-            f"| {dtype} | {d} | {bs} | {hq}/{hkv} | {'ok' if ok else 'FAIL'}: {report} | {seconds:.1f} |",
-            flush=True,
-        )
+        shape = dict(dtype=str(dtype), kv=kv, head_size=d, block_size=bs, q_heads=hq, kv_heads=hkv)
+        rows.append({**shape, "ok": ok, "report": report})
+        result = f"{'ok' if ok else 'FAIL'}: {report}"
+        print(f"| {dtype} | {kv} | {d} | {bs} | {hq}/{hkv} | {result} | {seconds:.1f} |", flush=True)
     return rows
 
 

@@ -27,6 +27,11 @@ import triton
 import triton.language as tl
 
 _NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) stays 1, not NaN
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Triton's interpreter rounds fp32 -> fp8 wrongly when rounding carries into the exponent
+# (7.96 -> 4.0, not 8.0): there, fp8 stores go through torch (the kernel is tested on values
+# that need no rounding); on a GPU the conversion is the hardware's
+_INTERPRETER_FP8_IN_TORCH = True
 
 
 @triton.jit
@@ -58,6 +63,7 @@ def _vote_attention_kernel(
     stride_oh,
     num_q_heads,
     scale,
+    v_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -68,6 +74,7 @@ def _vote_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     USE_VOTES: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -121,6 +128,9 @@ def _vote_attention_kernel(
             mask=kv_mask,
             other=0.0,
         )
+        if FP8:  # fp8 bytes -> the query's dtype (exact); k_scale is in `scale`, v_scale below
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -140,6 +150,7 @@ def _vote_attention_kernel(
         m_i = m_new
 
     token = q_start + tok
+    acc = acc * v_scale
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows (seq_len 0) write zeros
         tl.store(
@@ -242,8 +253,13 @@ def vote_paged_attention(
     workspace: Workspace | None = None,
     block_q: int | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of ``query`` [num_tokens, H_q, d] over each sequence's paged slots.
+
+    An fp8 cache (float8_e4m3fn or float8_e5m2 views) is read with vLLM's per-tensor scales:
+    keys and values are ``stored * k_scale`` and ``stored * v_scale``.
 
     key_cache/value_cache: [num_blocks, block_size, H_kv, d] (vLLM GPU, "NHD") or any tensor whose
     dims are (block, slot-in-block, kv-head, dim) after ``.permute``; pass the permuted view.
@@ -301,7 +317,8 @@ def vote_paged_attention(
         out.stride(0),
         out.stride(1),
         num_q_heads,
-        scale,
+        scale * k_scale,
+        v_scale,
         GROUP=group,
         HEAD_DIM=head_dim,
         D_PAD=d_pad,
@@ -314,6 +331,7 @@ def vote_paged_attention(
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): upcast
         # there only; on a GPU bf16 tiles go to the tensor cores as they are.
         UPCAST=query.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret),
+        FP8=key_cache.dtype in FP8_DTYPES,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](
@@ -353,11 +371,14 @@ def _store_kv_kernel(
     stride_ph,
     stride_ps,
     num_kv_heads,
+    k_scale,
+    v_scale,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     H_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     RESET_VOTES: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(SLOTS + t).to(tl.int64)
@@ -370,6 +391,9 @@ def _store_kv_kernel(
         mask = head_ok[:, None] & (dims < HEAD_DIM)[None, :]
         k = tl.load(KEY + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
         v = tl.load(VALUE + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+        if FP8_MAX > 0:  # fp8: stored = x / scale, saturated at the format's largest finite value
+            k = tl.clamp(k.to(tl.float32) / k_scale, -FP8_MAX, FP8_MAX)
+            v = tl.clamp(v.to(tl.float32) / v_scale, -FP8_MAX, FP8_MAX)
         k_dst = K_CACHE + blk * stride_kcb + off * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
         v_dst = V_CACHE + blk * stride_vcb + off * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
         tl.store(k_dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
@@ -385,8 +409,12 @@ def store_kv(
     value_cache: torch.Tensor,
     log_votes: torch.Tensor | None,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write this step's keys/values [num_tokens, H_kv, d] into their slots and reset their votes.
+
+    fp8 caches (float8 views) store ``x / scale``, saturated, as vLLM's own cache write does.
 
     ``slot_mapping`` [n] (n <= num_tokens; -1 = padding, skipped) gives block * block_size +
     offset; caches as in ``vote_paged_attention``. One program per token, no host sync: the
@@ -398,6 +426,9 @@ def store_kv(
     num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
     if key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("the head dimension of key and value must be contiguous")
+    if key_cache.dtype in FP8_DTYPES and _INTERPRETER_FP8_IN_TORCH and triton.knobs.runtime.interpret:
+        _store_kv_torch(key, value, key_cache, value_cache, log_votes, slot_mapping, k_scale, v_scale)
+        return
     pv = log_votes if log_votes is not None else key_cache
     p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
     _store_kv_kernel[(n,)](
@@ -419,9 +450,35 @@ def store_kv(
         value_cache.stride(2),
         *p_strides,
         num_kv_heads,
+        k_scale,
+        v_scale,
         HEAD_DIM=head_dim,
         D_PAD=_d_pad(head_dim),
         H_PAD=triton.next_power_of_2(num_kv_heads),
         BLOCK_SIZE=block_size,
         RESET_VOTES=log_votes is not None,
+        FP8_MAX=torch.finfo(key_cache.dtype).max if key_cache.dtype in FP8_DTYPES else 0.0,
     )
+
+
+def _store_kv_torch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    log_votes: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    k_scale: float,
+    v_scale: float,
+) -> None:
+    """``store_kv`` in torch, for fp8 caches under Triton's interpreter only."""
+    slots = slot_mapping.long()
+    rows = (slots >= 0).nonzero().view(-1)
+    slots = slots[rows]
+    block_size = key_cache.shape[1]
+    blk, off = slots // block_size, slots % block_size
+    limit = torch.finfo(key_cache.dtype).max
+    key_cache[blk, off] = (key[rows].float() / k_scale).clamp(-limit, limit).to(key_cache.dtype)
+    value_cache[blk, off] = (value[rows].float() / v_scale).clamp(-limit, limit).to(value_cache.dtype)
+    if log_votes is not None:
+        log_votes[blk, :, off] = 0.0
