@@ -7,7 +7,7 @@ import torch
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache, gather_votes
 from keepkv_vllm.engine.compaction import CompressionOrder, compact_request
-from keepkv_vllm.methods import get_method
+from keepkv_vllm.methods import METHODS, get_method
 
 BS, H, D = 8, 2, 4
 
@@ -95,24 +95,31 @@ def fp8_layer(fmt, seed=0):
     return paged, torch.randn(H, 4, D, generator=g)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
-def test_fp8_kept_slots_move_byte_for_byte_and_merged_ones_are_requantized(fmt):
+MERGING = {"keepkv": {"similarity_threshold": 0.5}, "kvmerger": {"similarity_threshold": 0.5}, "cam": {}}
+
+
+@pytest.mark.parametrize(
+    "fmt, name",
+    [("fp8", "keepkv"), ("fp8_e5m2", "keepkv")]
+    + [("fp8", name) for name in sorted(METHODS) if name != "keepkv"],
+)
+def test_fp8_kept_slots_move_byte_for_byte_and_merged_ones_are_requantized(fmt, name):
     paged, queries = fp8_layer(fmt)
     quant = paged.quant
     order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
     src = torch.tensor(order.src_block_ids)
     stored_k, stored_v = (x.clone() for x in paged.gather(src, 0, 30))
     keys, values = quant.dequantize(stored_k, quant.k_scale), quant.dequantize(stored_v, quant.v_scale)
-    method = get_method("keepkv", sink=2, recent=4, similarity_threshold=0.5)
+    method = get_method(name, sink=2, recent=4, **MERGING.get(name, {}))
     result = method.compress(keys, values, torch.ones(H, 30), queries, 12)
     stats = compact_request([(paged, queries)], order, method)
-    assert stats.tokens_merged > 0
+    assert (stats.tokens_merged > 0) == (name in MERGING)
     out_k, out_v = paged.gather(torch.tensor(order.block_ids), 0, 12)
     index = result.kept_index.unsqueeze(-1).expand(-1, -1, D)
     merged = (result.keys != keys.gather(1, index)).any(-1) | (result.values != values.gather(1, index)).any(
         -1
     )
-    assert merged.any() and (~merged).any()
+    assert merged.any() == (name in MERGING) and (~merged).any()
     # only kept: the very bytes it had
     assert torch.equal(out_k[~merged], stored_k.gather(1, index)[~merged])
     assert torch.equal(out_v[~merged], stored_v.gather(1, index)[~merged])
@@ -144,3 +151,19 @@ def test_fp8_merged_values_past_the_format_saturate_and_are_counted():
     assert stats.saturated == H * D  # slot 0 of every head, every dim
     out_k, _ = paged.gather(torch.tensor(order.block_ids), 0, 1)
     assert (paged.quant.dequantize(out_k, 0.5) == 448 * 0.5).all()
+
+
+def test_fp8_scales_come_from_the_layer_and_per_head_scales_are_refused():
+    from types import SimpleNamespace
+
+    from keepkv_vllm.attention.quant import KVQuant
+
+    layer = SimpleNamespace(
+        _k_scale=torch.tensor([0.5]), _v_scale=torch.tensor([2.0]), _k_scale_float=0.5, _v_scale_float=2.0
+    )
+    quant = KVQuant.for_layer(layer, "fp8")
+    assert (quant.fp8, quant.k_scale, quant.v_scale) == (torch.float8_e4m3fn, 0.5, 2.0)
+    assert not KVQuant.for_layer(layer, "auto").quantized
+    layer._k_scale = torch.ones(3)  # compressed-tensors' attn_head strategy: one per kv-head
+    with pytest.raises(ValueError, match="per-tensor fp8 KV scales; this checkpoint has 3 per-head"):
+        KVQuant.for_layer(layer, "fp8")

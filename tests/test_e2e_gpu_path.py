@@ -9,7 +9,11 @@ pieces), greedy decoding, every request submitted at once so each engine runs th
 schedule:
 - requests compressed every step (``trigger=always``) produce the same tokens as the CPU
   backend's torch vote path;
-- a request with compression off produces stock vLLM's tokens.
+- a request with compression off produces stock vLLM's tokens;
+- on an fp8 cache (``--kv-cache-dtype fp8``) the Triton store quantizes, the vote kernel reads
+  fp8 slots with the layer's scales and compaction requantizes merged slots: the same
+  compressions as the CPU backend's fp8 path. Tokens are not compared there: vLLM's CPU cache
+  write truncates to fp8 where the Triton store (like CUDA's) rounds to nearest.
 Small on purpose: the interpreter runs every kernel program in Python.
 """
 
@@ -49,9 +53,9 @@ def generate(spec: dict, **env: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(needle_factory):
+def spec(needle_factory):
     prompts = [needle_factory.make(110 + 7 * i, 0.5, seed).token_ids for i, seed in enumerate((11, 12, 13))]
-    spec = {
+    return {
         "prompts": [list(p) for p in prompts],
         "extra_args": [{}, {"kv_budget": 56}, {"kv_compression": "off"}],  # the last one is the witness
         "max_tokens": 8,
@@ -61,6 +65,10 @@ def runs(needle_factory):
         "max_num_batched_tokens": 256,
         "enforce_eager": False,
     }
+
+
+@pytest.fixture(scope="module")
+def runs(spec):
     stock = generate({**spec, "enforce_eager": True})
     torch_path = generate({**spec, "kv_compression": COMPRESSION, "enforce_eager": True})
     flash = generate(
@@ -93,3 +101,23 @@ def test_the_gpu_layout_keeps_votes_and_window_inside_the_budget(runs):
     )
     assert memory["memory_vote_bytes"] > 0 and memory["memory_scratch_bytes"] > 0
     assert torch_path["stats"]["worker"][0]["memory_scratch_bytes"] == 0  # the CPU path needs none
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(spec):
+    fp8 = {**spec, "kv_compression": COMPRESSION, "kv_cache_dtype": "fp8"}
+    torch_path = generate({**fp8, "enforce_eager": True})
+    flash = generate(fp8, TRITON_INTERPRET="1", KEEPKV_ATTENTION_BACKEND="flash")
+    return torch_path, flash
+
+
+def test_fp8_cache_compresses_and_merges_through_the_gpu_kernels(fp8_runs):
+    torch_path, flash = fp8_runs
+    counters = flash["stats"]["counters"]
+    assert counters["requests_compressed"] == 2
+    assert counters["compressions"] == torch_path["stats"]["counters"]["compressions"]
+    worker = flash["stats"]["worker"][0]
+    assert worker["tokens_merged"] > 0 and worker["saturated_elements"] == 0
+    assert [len(t) for t in flash["tokens"]] == [8, 8, 8]
+    # fp8 pages: one byte per element plus float16 log-votes (2 bytes per slot and kv-head)
+    assert worker["memory_vote_bytes"] * 64 == worker["memory_pool_bytes"] - worker["memory_vote_bytes"]

@@ -4,6 +4,8 @@ Two servers with the same small KV pool (38 blocks of 128 tokens): stock vLLM an
 `--kv-compression keepkv`. Eight concurrent 1,535-token needle prompts with 64 output
 tokens each need more KV than the pool holds while decoding, so stock vLLM preempts.
 Prefill is chunked (512 tokens a step), so new prompts are prefilled beside compressed ones.
+Two more servers run the same workload on an fp8 KV cache (``--kv-cache-dtype fp8``) whose
+pool holds about as many tokens: stock, and keepkv stacked on fp8.
 """
 
 from __future__ import annotations
@@ -46,12 +48,37 @@ COMMON = [
     str(POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN),
 ]
 KEEPKV = ["--kv-compression", "keepkv", "--kv-compression-config", '{"budget": 0.3}']
+# fp8: one byte per element, so 39 stock blocks of 128 tokens take 57,507,840 bytes. keepkv
+# reserves 9 window rows (window_memory 0.08; rows are bf16 queries whatever the cache holds)
+# and gets 35 pages of 30 x 49,920 bytes (K/V + 768 bytes of fp16 votes): about the auto
+# server's 36 blocks, so both compress under the same pressure. That pool carries 8 rows.
+FP8_BYTES_PER_TOKEN = SMOLLM2_KV_BYTES_PER_TOKEN // 4
+FP8_STOCK_BLOCKS = 39
+FP8_KEEPKV_BLOCKS = 35
+FP8_WINDOW_ROWS = 8
+FP8 = [
+    *COMMON[:-1],
+    str(FP8_STOCK_BLOCKS * 128 * FP8_BYTES_PER_TOKEN),
+    "--kv-cache-dtype",
+    "fp8",
+]
+KEEPKV_FP8 = [
+    "--kv-compression",
+    "keepkv",
+    "--kv-compression-config",
+    '{"budget": 0.3, "window_memory": 0.08}',
+]
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 @pytest.fixture(scope="module")
 def servers():
-    stock, keepkv = ServerProcess(COMMON), ServerProcess(COMMON + KEEPKV)
+    started = {
+        "stock": ServerProcess(COMMON),
+        "keepkv": ServerProcess(COMMON + KEEPKV),
+        "stock-fp8": ServerProcess(FP8),
+        "keepkv-fp8": ServerProcess(FP8 + KEEPKV_FP8),
+    }
     errors = []
 
     def start(server: ServerProcess) -> None:
@@ -60,7 +87,7 @@ def servers():
         except Exception as e:  # reported below, after both attempts
             errors.append(e)
 
-    threads = [threading.Thread(target=start, args=(s,)) for s in (stock, keepkv)]
+    threads = [threading.Thread(target=start, args=(s,)) for s in started.values()]
     for t in threads:
         t.start()
     for t in threads:
@@ -68,10 +95,10 @@ def servers():
     try:
         if errors:
             raise errors[0]
-        yield {"stock": stock, "keepkv": keepkv}
+        yield started
     finally:
-        stock.stop()
-        keepkv.stop()
+        for server in started.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +131,12 @@ def runs(servers, prompts):
     out["keepkv@30%"]["counters_before"] = counters_before
     for budget in (0.2, 0.1):
         out[f"keepkv@{budget:.0%}"] = _run(servers["keepkv"], prompts, xargs={"kv_budget": budget})
+    return _record("e2e_needle_pressure.json", out)
+
+
+def _record(filename: str, out: dict) -> dict:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "e2e_needle_pressure.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / filename).write_text(json.dumps(out, indent=1))
     for name, r in out.items():
         score = f"{r['score']}/{NUM_REQUESTS}"
         print(f"{name}: score {score} preemptions {r['preemptions']:.0f} wall {r['wall_s']}s")
@@ -239,3 +270,61 @@ def test_good_per_request_options_are_accepted(servers):
     ):
         r = _complete(servers["keepkv"], prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs})
         assert r.usage.completion_tokens == 4
+
+
+# --- fp8 KV cache: compression stacks on --kv-cache-dtype fp8 ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(servers, prompts, runs):
+    out = {"stock-fp8": _run(servers["stock-fp8"], prompts)}
+    out["keepkv-fp8@30%"] = _run(servers["keepkv-fp8"], prompts)
+    return _record("e2e_fp8_pressure.json", out)
+
+
+def test_fp8_stock_preempts_and_keepkv_on_fp8_compresses_instead(fp8_runs):
+    assert fp8_runs["stock-fp8"]["preemptions"] > 0
+    run = fp8_runs["keepkv-fp8@30%"]
+    counters, worker = run["stats"]["counters"], run["stats"]["worker"]
+    assert run["preemptions"] == 0 and counters["preemptions"] == 0
+    assert counters["compressions"] > 0 and counters["blocks_freed"] > 0
+    assert worker["tokens_merged"] > 0  # merged slots were requantized into the fp8 pages
+    assert worker["saturated_elements"] == 0  # SmolLM2's keys and values are far below 448
+    for r in fp8_runs.values():
+        assert r["completion_tokens"] == [OUTPUT_TOKENS] * NUM_REQUESTS
+
+
+def test_fp8_needle_within_one_item_of_auto_at_the_same_budget(runs, fp8_runs):
+    auto, fp8 = runs["keepkv@30%"]["score"], fp8_runs["keepkv-fp8@30%"]["score"]
+    assert fp8 >= auto - 1, (auto, fp8)
+
+
+def test_fp8_pool_counts_votes_and_window_inside_the_bytes_given(servers, fp8_runs):
+    keepkv, stock = fp8_runs["keepkv-fp8@30%"]["stats"], fp8_runs["stock-fp8"]["stats"]
+    assert stock["kv_cache"]["total_blocks"] == FP8_STOCK_BLOCKS - 1  # less vLLM's null block
+    assert keepkv["kv_cache"]["total_blocks"] == FP8_KEEPKV_BLOCKS - 1
+    assert keepkv["kv_cache"]["free_blocks"] == keepkv["kv_cache"]["total_blocks"]
+    memory = keepkv["worker"]
+    pool = FP8_KEEPKV_BLOCKS * 30 * 49_920
+    assert memory["memory_pool_bytes"] == pool
+    assert memory["memory_vote_bytes"] == FP8_KEEPKV_BLOCKS * 30 * 3 * 128 * 2
+    assert memory["memory_window_bytes"] == FP8_WINDOW_ROWS * 552_960
+    assert pool + 9 * 552_960 <= FP8_STOCK_BLOCKS * 128 * FP8_BYTES_PER_TOKEN
+    assert servers["keepkv-fp8"].metrics()["keepkv_saturated_elements_total"] == 0
+
+
+def test_fp8_uncompressed_witness_matches_stock_fp8(servers, prompts, fp8_runs):
+    # after the pressure run: blocks compacted, merged and freed on this pool are reused
+    prompt = prompts[0].token_ids
+    a = _complete(
+        servers["stock-fp8"], prompt=prompt, max_tokens=32, logprobs=1, extra_body={"ignore_eos": True}
+    )
+    b = _complete(
+        servers["keepkv-fp8"],
+        prompt=prompt,
+        max_tokens=32,
+        logprobs=1,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"kv_compression": "off"}},
+    )
+    assert a.choices[0].logprobs.tokens == b.choices[0].logprobs.tokens
+    assert a.usage.completion_tokens == b.usage.completion_tokens == 32

@@ -1,6 +1,7 @@
 """A PROJECTION (not a measurement) of decode throughput on one GPU, stock vs compressed.
 
     python -m keepkv_vllm.bench.gpu_projection [--prompt 8192 --output 512 --budgets 1 .5 .3 .2 .1]
+        [--kv-cache-dtypes auto fp8]
 
 Model (documented in docs/throughput.md): the KV budget is what the GPU has left after weights
 and a reserve. Compression takes its memory out of that budget as the engine does
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from keepkv_vllm.attention.kv_layout import vote_dtype
 from keepkv_vllm.engine.memory import WindowGeometry, rows_to_reserve
 
 
@@ -44,11 +46,24 @@ class Model:
     name: str = "Llama-3.1-8B (bf16)"
     params_b: float = 8.03
     weight_gb: float = 16.06
-    kv_bytes_per_token: int = 32 * 8 * 128 * 2 * 2  # layers x kv-heads x dim x (K, V) x bf16 = 128 KiB
     layers: int = 32
     q_heads: int = 32
     kv_heads: int = 8
     head_dim: int = 128
+    kv_element_bytes: int = 2  # bf16 KV; 1 with --kv-cache-dtype fp8
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """layers x kv-heads x dim x (K, V) x element: 128 KiB in bf16, 64 KiB in fp8."""
+        return self.layers * self.kv_heads * self.head_dim * 2 * self.kv_element_bytes
+
+    @property
+    def vote_bytes_per_token(self) -> int:
+        """One log-vote per slot and kv-head: float32, float16 beside an 8-bit cache."""
+        return self.layers * self.kv_heads * vote_dtype(self.kv_element_bytes).itemsize
+
+    def with_kv_cache_dtype(self, kv_cache_dtype: str) -> Model:
+        return replace(self, kv_element_bytes=1 if kv_cache_dtype.startswith("fp8") else 2)
 
 
 def compression_memory(
@@ -62,9 +77,9 @@ def compression_memory(
     split_rows = max_split_rows(max_num_seqs, model.kv_heads, 8192, 132)
     scratch = Workspace.nbytes(split_rows, model.q_heads, model.head_dim, 1)
     side = rows * geometry.row_bytes + scratch
-    vote_bytes_per_token = model.layers * model.kv_heads * 4
     pool = budget_bytes - side
-    votes = pool * vote_bytes_per_token / (model.kv_bytes_per_token + vote_bytes_per_token)
+    per_token = model.kv_bytes_per_token + model.vote_bytes_per_token
+    votes = pool * model.vote_bytes_per_token / per_token
     return {
         "rows": rows,
         "window": rows * geometry.row_bytes,
@@ -72,7 +87,7 @@ def compression_memory(
         "votes": votes,
         "pool": pool,
         "share": (side + votes) / budget_bytes,
-        "bytes_per_token": model.kv_bytes_per_token + vote_bytes_per_token,
+        "bytes_per_token": per_token,
     }
 
 
@@ -114,27 +129,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=8192)
     p.add_argument("--output", type=int, default=512)
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1])
+    p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], help="e.g. auto fp8")
     p.add_argument("--eta", type=float, default=0.7, help="attention kernel fraction of copy bandwidth")
     p.add_argument("--bandwidth-gbs", type=float, default=Hardware.bandwidth_gbs)
     args = p.parse_args(argv)
     hw = Hardware(bandwidth_gbs=args.bandwidth_gbs)
-    rows = [project(b, args.prompt, args.output, hw=hw, eta=args.eta) for b in args.budgets]
-    base = rows[0]["decode_tok_s"]
+    base = project(1.0, args.prompt, args.output, hw=hw, eta=args.eta)["decode_tok_s"]
     print(f"PROJECTION, not measured: {hw.name}, {Model().name}, prompt {args.prompt}, output {args.output}")
     budget = (hw.memory_gb * hw.utilization - Model().weight_gb - hw.reserve_gb) * 1e9
-    m = compression_memory(budget, Model(), 256)
-    print(
-        f"compression's memory out of the {budget / 1e9:.1f} GB KV budget: votes {m['votes'] / 1e9:.2f} GB, "
-        f"query window {m['window'] / 1e9:.2f} GB ({m['rows']} rows), scratch {m['scratch'] / 1e6:.1f} MB: "
-        f"{100 * m['share']:.2f} %"
-    )
-    print("| budget | slots/request | batch | step ms | bound | decode tok/s | x stock |")
-    print("|---:|---:|---:|---:|---|---:|---:|")
-    for r in rows:
+    print("| KV dtype | budget | slots/request | batch | step ms | bound | decode tok/s | x stock bf16 |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    for kv_dtype in args.kv_cache_dtypes:
+        model = Model().with_kv_cache_dtype(kv_dtype)
+        for b in args.budgets:
+            r = project(b, args.prompt, args.output, hw=hw, model=model, eta=args.eta)
+            print(
+                f"| {kv_dtype} | {r['budget']:g} | {r['slots_per_request']} | {r['batch']} | "
+                f"{r['step_ms']:.1f} | {r['bound']} | {r['decode_tok_s']:,.0f} | "
+                f"{r['decode_tok_s'] / base:.2f} |"
+            )
+    for kv_dtype in args.kv_cache_dtypes:
+        m = compression_memory(budget, Model().with_kv_cache_dtype(kv_dtype), 256)
         print(
-            f"| {r['budget']:g} | {r['slots_per_request']} | {r['batch']} | {r['step_ms']:.1f} | "
-            f"{r['bound']} | "
-            f"{r['decode_tok_s']:,.0f} | {r['decode_tok_s'] / base:.2f} |"
+            f"compression's memory out of the {budget / 1e9:.1f} GB KV budget ({kv_dtype} KV): votes "
+            f"{m['votes'] / 1e9:.2f} GB, query window {m['window'] / 1e9:.2f} GB ({m['rows']} rows), "
+            f"scratch {m['scratch'] / 1e6:.1f} MB: {100 * m['share']:.2f} %"
         )
 
 

@@ -11,6 +11,9 @@ p50/p99, preemptions, peak running requests, blocks freed, needle score. Writes 
 markdown table and a PNG.
 
     keepkv-bench --num-prompts 16 --prompt-tokens 1535 --output-tokens 128 --kv-blocks 38
+
+``--kv-cache-dtypes auto fp8`` repeats stock and every method on an fp8 KV cache in the same
+bytes (vLLM sizes the fp8 pool from them: about four times the tokens of an fp32 model's).
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ def kv_bytes(args: argparse.Namespace) -> int:
     return args.kv_blocks * args.block_size * args.kv_bytes_per_token
 
 
-def server_args(args: argparse.Namespace) -> list[str]:
+def server_args(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> list[str]:
     pool = kv_bytes(args)
     return [
         "--dtype",
@@ -155,6 +158,8 @@ def server_args(args: argparse.Namespace) -> list[str]:
         "0.3",
         "--kv-cache-memory-bytes",
         str(pool),
+        "--kv-cache-dtype",
+        kv_cache_dtype,
         *(["--enforce-eager"] if args.enforce_eager else []),
         *args.server_arg,
     ]
@@ -169,33 +174,39 @@ def run(args: argparse.Namespace) -> list[dict]:
     model = args.model or str(model_dir())
     factory = NeedleFactory(AutoTokenizer.from_pretrained(model))
     prompts = [factory.make(args.prompt_tokens, args.depth, args.seed + i) for i in range(args.num_prompts)]
-    rows = []
-    with ServerProcess(server_args(args), model=model) as stock:
-        measure(stock, prompts[:2], args, "warm-up stock", None)
-        rows.append({"method": "stock", "budget": 1.0, **measure(stock, prompts, args, "stock", None)})
     window_memory = args.window_memory or window_memory_for(
         args.concurrency, model, args.dtype, kv_bytes(args)
     )
+    rows = []
+    for kv_dtype in args.kv_cache_dtypes:
+        rows += run_dtype(args, model, prompts, kv_dtype, window_memory)
+    stock_row = rows[0]
+    for row in rows:
+        row["throughput_ratio"] = row["output_tok_s"] / stock_row["output_tok_s"]
+        row["needle_delta_points"] = 100 * (row["needle_score"] - stock_row["needle_score"])
+    return rows
+
+
+def run_dtype(
+    args: argparse.Namespace, model: str, prompts: list, kv_dtype: str, window_memory: float
+) -> list[dict]:
+    """Stock and every method (each budget) on one KV cache dtype, all in the same bytes."""
+    suffix = "" if kv_dtype == "auto" else f" {kv_dtype}"
+    rows = []
+    with ServerProcess(server_args(args, kv_dtype), model=model) as stock:
+        measure(stock, prompts[:2], args, f"warm-up stock{suffix}", None)
+        row = measure(stock, prompts, args, f"stock{suffix}", None)
+        rows.append({"method": "stock", "budget": 1.0, "kv_cache_dtype": kv_dtype, **row})
     for method in args.methods:
         settings = json.dumps(
             {"budget": max(args.budgets), "trigger": args.trigger, "window_memory": window_memory}
         )
         extra = ["--kv-compression", method, "--kv-compression-config", settings]
-        with ServerProcess(server_args(args) + extra, model=model) as server:
-            measure(server, prompts[:2], args, f"warm-up {method}", None)
+        with ServerProcess(server_args(args, kv_dtype) + extra, model=model) as server:
+            measure(server, prompts[:2], args, f"warm-up {method}{suffix}", None)
             for budget in args.budgets:
-                label = f"{method}@{budget:g}"
-                rows.append(
-                    {
-                        "method": method,
-                        "budget": budget,
-                        **measure(server, prompts, args, label, {"kv_budget": budget}),
-                    }
-                )
-    stock_row = rows[0]
-    for row in rows:
-        row["throughput_ratio"] = row["output_tok_s"] / stock_row["output_tok_s"]
-        row["needle_delta_points"] = 100 * (row["needle_score"] - stock_row["needle_score"])
+                row = measure(server, prompts, args, f"{method}{suffix}@{budget:g}", {"kv_budget": budget})
+                rows.append({"method": method, "budget": budget, "kv_cache_dtype": kv_dtype, **row})
     return rows
 
 
@@ -218,6 +229,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stacking(rows: list[dict], requests: int) -> str:
+    """Whether compression multiplies with a quantized KV cache: per budget, a method's peak
+    running requests on each dtype against (stock's peak on that dtype / stock's on auto) x
+    the method's peak on auto (at most the workload's ``requests``), and its throughput
+    against that dtype's stock."""
+    stock = {r["kv_cache_dtype"]: r for r in rows if r["budget"] >= 1}
+    on_auto = {(r["method"], r["budget"]): r for r in rows if r["kv_cache_dtype"] == "auto"}
+    lines = []
+    for r in rows:
+        auto = on_auto.get((r["method"], r["budget"]))
+        if r["budget"] >= 1 or r["kv_cache_dtype"] == "auto" or auto is None or "auto" not in stock:
+            continue
+        base, dtype = stock[r["kv_cache_dtype"]], r["kv_cache_dtype"]
+        product = base["peak_running"] / max(1, stock["auto"]["peak_running"]) * auto["peak_running"]
+        target = 0.9 * min(product, requests)
+        speed = r["output_tok_s"] / base["output_tok_s"]
+        lines.append(
+            f"- {r['label']}: peak running {r['peak_running']} vs (stock {dtype} {base['peak_running']}"
+            f" / stock {stock['auto']['peak_running']}) x {auto['label']} {auto['peak_running']}"
+            f" = {product:.1f} (workload: {requests} requests; 0.9 x the smaller = {target:.1f}:"
+            f" {'met' if r['peak_running'] >= target else 'NOT met'}); out tok/s {speed:.2f}x"
+            f" stock {dtype}, which preempted {base['preemptions']:.0f} times"
+        )
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -226,11 +263,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     stock = rows[0]
-    for method in sorted({r["method"] for r in rows[1:]}):
-        pts = sorted((r["budget"], r) for r in rows if r["method"] == method)
-        xs = [100 * x for x, _ in pts]
-        a.plot(xs, [r["throughput_ratio"] for _, r in pts], "o-", label=method)
-        b.plot(xs, [100 * r["needle_score"] for _, r in pts], "o-", label=method)
+    for method, kv_dtype in sorted({(r["method"], r["kv_cache_dtype"]) for r in rows if r["budget"] < 1}):
+        pts = sorted(
+            ((r["budget"], r["label"]), r)
+            for r in rows
+            if r["method"] == method and r["kv_cache_dtype"] == kv_dtype
+        )
+        xs = [100 * x for (x, _), _ in pts]
+        label = method if kv_dtype == "auto" else f"{method} {kv_dtype}"
+        a.plot(xs, [r["throughput_ratio"] for _, r in pts], "o-", label=label)
+        b.plot(xs, [100 * r["needle_score"] for _, r in pts], "o-", label=label)
+    for r in rows[1:]:
+        if r["budget"] >= 1:  # stock on another KV dtype
+            a.axhline(r["throughput_ratio"], color="black", ls=":", label=r["label"])
     a.axhline(1.0, color="gray", ls="--", label="stock")
     b.axhline(100 * stock["needle_score"], color="gray", ls="--", label="stock")
     a.set(xlabel="budget (% of tokens kept)", ylabel="output tokens/s, x stock", title="throughput")
@@ -271,6 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-bytes-per-token", type=int, default=SMOLLM2_KV_BYTES_PER_TOKEN)
     p.add_argument("--dtype", default="float32")
     p.add_argument(
+        "--kv-cache-dtypes",
+        nargs="+",
+        default=["auto"],
+        help="vLLM --kv-cache-dtype of each set of servers (e.g. auto fp8); same bytes for all",
+    )
+    p.add_argument(
         "--max-model-len", type=int, default=None, help="default: prompt + output tokens + a block"
     )
     p.add_argument(
@@ -292,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
     )
     md = table(rows)
+    if len(args.kv_cache_dtypes) > 1:
+        md += "\n\n" + stacking(rows, min(args.num_prompts, args.concurrency))
     (args.out / "bench.md").write_text(md + "\n")
     plot(rows, args.out / "bench.png")
     print(md)

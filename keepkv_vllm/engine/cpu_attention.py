@@ -43,7 +43,7 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
         self, layer: torch.nn.Module, kv_cache: torch.Tensor, model_dtype: torch.dtype
     ) -> CPUPagedKV:
         """The layer's cache in the CPU kernels' packed layout (fp8 with the layer's scales)."""
-        quant = KVQuant.for_cache(self.kv_cache_dtype, layer._k_scale_float, layer._v_scale_float)
+        quant = KVQuant.for_layer(layer, self.kv_cache_dtype)
         return CPUPagedKV(kv_cache, layer.isa, self.kv_cache_dtype, quant, model_dtype)
 
     def do_kv_cache_update(

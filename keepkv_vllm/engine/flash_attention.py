@@ -221,7 +221,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
         return FlashPagedKV(kv_cache, self._quant(layer))
 
     def _quant(self, layer: torch.nn.Module) -> KVQuant:
-        return KVQuant.for_cache(self.kv_cache_dtype, layer._k_scale_float, layer._v_scale_float)
+        return KVQuant.for_layer(layer, self.kv_cache_dtype)
 
     def get_impl_variants(self) -> tuple[Any, ...]:
         return (self,) if self.flash_impl is None else (self, self.flash_impl)

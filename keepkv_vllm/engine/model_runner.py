@@ -97,6 +97,9 @@ class CompressionRunnerMixin:
         state.layers = self._kvc_paged_layers()
         if is_profiling:
             return  # vLLM frees only its own tensors after a profiling cache: allocate nothing
+        for paged in list(state.layers.values())[:1]:
+            if paged.quant.quantized:  # build the fp8 reader now, not on the first compressed step
+                paged.quant.dequantize(torch.zeros(2, 2, 2, 2, dtype=torch.uint8, device=self.device), 1.0)
         rows, geometry = window_rows(state.config, self.vllm_config, kv_cache_config)
         state.window = QueryWindow(state.config.window, rows)
         context = self.compilation_config.static_forward_context

@@ -70,6 +70,7 @@ def run_grid(spec: dict[str, Any], results_path: Path) -> None:
         enforce_eager=True,
         enable_prefix_caching=False,  # variants of one prompt must not share (frozen) blocks
         kv_cache_memory_bytes=int(spec["kv_cache_gib"] * 2**30),
+        kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
         max_num_seqs=spec["max_num_seqs"],
         logits_processors=[ForcedTokensLogitsProcessor],
         seed=0,
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=DEFAULT_KV_CACHE_GIB)
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="vLLM's KV cache dtype for the full cache and every method",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument(
         "--kv-compression-config",
@@ -438,6 +445,7 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
         "kv_cache_gib": args.kv_cache_gib,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "max_num_seqs": args.max_num_seqs,
         "config": extra_config,
         "items": [asdict(i) for i in items],

@@ -36,6 +36,11 @@ METRICS = {
     ),
     "keepkv_preemptions": ("counters", "preemptions", "Preemptions (compression could not free enough)"),
     "keepkv_tokens_merged": ("worker", "tokens_merged", "Slots folded into survivors (all layers and heads)"),
+    "keepkv_saturated_elements": (
+        "worker",
+        "saturated_elements",
+        "fp8 KV elements of merged slots clipped to the format's largest finite value",
+    ),
 }
 POLL_SECONDS = 1.0
 

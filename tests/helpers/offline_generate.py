@@ -30,6 +30,7 @@ def main() -> None:
         enable_prefix_caching=False,
         max_num_batched_tokens=spec.get("max_num_batched_tokens", 512),
         kv_cache_memory_bytes=spec["kv_cache_memory_bytes"],
+        kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
         gpu_memory_utilization=0.3,
         additional_config={"kv_compression": compression} if compression else {},
         seed=0,
