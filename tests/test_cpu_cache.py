@@ -11,6 +11,7 @@ pytest.importorskip("vllm")
 
 from keepkv_vllm.attention.kv_layout import allocate_padded_cache  # noqa: E402
 from keepkv_vllm.attention.paged_torch import paged_vote_attention  # noqa: E402
+from keepkv_vllm.attention.quant import FP8_FORMATS  # noqa: E402
 from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl  # noqa: E402
 from keepkv_vllm.engine.cpu_cache import CPUPagedKV, strided_layout  # noqa: E402
 from keepkv_vllm.engine.worker_state import VotedDecodeBatch  # noqa: E402
@@ -89,17 +90,21 @@ def test_writes_leave_the_vote_padding_alone_and_votes_leave_the_data_alone(isa,
     assert torch.equal(k, keys) and torch.equal(v, values)
 
 
-def test_batched_voted_decode_equals_the_per_request_path():
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native-kernel"])
+def test_batched_voted_decode_equals_the_per_request_path(native):
     bs, h, d, group = 128, 3, 64, 3
     paged, blocks, keys, values = filled("vec", torch.float32, bs, h=h, d=d)
     paged.log_votes.copy_((1 + 3 * torch.rand(6, h, bs)).log())
+    if native:
+        paged.prepare()
+        assert paged.vote_kernel is not None  # a C++ compiler is here (vLLM's compiled mode needs one)
     lens = [keys.shape[1], 150]
     q = torch.randn(2, h * group, d)
     block_index = torch.stack([blocks, torch.tensor([blocks[0], blocks[1], 0])])
     valid = torch.zeros(2, 3 * bs, dtype=torch.bool)
     for i, n in enumerate(lens):
         valid[i, :n] = True
-    batch = VotedDecodeBatch(torch.tensor([0, 1]), block_index, valid)
+    batch = VotedDecodeBatch(torch.tensor([0, 1]), block_index, valid, torch.tensor(lens, dtype=torch.int32))
     impl = SimpleNamespace(num_heads=h * group, scale=d**-0.5)
     got = VoteCPUAttentionImpl._batched_decode(impl, q, paged, batch)
     for i, n in enumerate(lens):
@@ -107,6 +112,78 @@ def test_batched_voted_decode_equals_the_per_request_path():
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa, dtype, bs", CASES + [("vec", torch.float32, 32)])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group):
+    """The kernel reads vLLM's packed pages in place: every layout, partial blocks, a request
+    of one slot, GQA groups, votes far from 1, against dense float64 attention."""
+    from keepkv_vllm.attention.reference import vote_attention
+
+    h, d = 2, 64
+    g = torch.Generator().manual_seed(group)
+    paged, blocks, keys, values = filled(isa, dtype, bs, nb=8, h=h, d=d, seed=group)
+    if paged.vote_kernel is None:
+        paged.prepare()
+    kernel = paged.vote_kernel
+    assert kernel is not None
+    paged.log_votes.copy_(torch.randn(paged.log_votes.shape, generator=g) * 2)
+    n = keys.shape[1]
+    lens = [n, 1, bs + 1]
+    block_index = torch.stack([blocks, torch.tensor([5, 0, 0]), torch.tensor([6, 7, 0])])
+    q = torch.randn(3, h * group, d, generator=g)
+    got = kernel(q, block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
+    for i, length in enumerate(lens):
+        k, v = paged.gather(block_index[i], 0, length)
+        votes = paged.log_votes[block_index[i]].permute(1, 0, 2).reshape(h, -1)[:, :length].double().exp()
+        query = q[i].view(h * group, 1, d).double()
+        want = vote_attention(query, k.double(), v.double(), votes, scale=d**-0.5)
+        torch.testing.assert_close(got[i], want[:, 0].float(), rtol=2e-5, atol=2e-5)
+
+
+def slots_of(pages: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """A request's first n slots of per-block data [num_blocks, H, bs, ...] -> [H, n, ...]."""
+    picked = pages[blocks].transpose(0, 1)  # [H, blocks, bs, ...]
+    return picked.flatten(1, 2)[:, :n]
+
+
+@pytest.mark.parametrize("fmt", sorted(FP8_FORMATS))
+def test_native_vote_kernel_reads_fp8_bytes_with_the_layer_scales(fmt):
+    """fp8 pages in vLLM's "vec" tile order (keys dim-major, values slot-major), written here
+    byte by byte so the check runs on CPUs whose vLLM has no fp8 cache (no AVX-512): each byte
+    means what the format says, times the layer's scale, and float16 log-votes are read."""
+    from keepkv_vllm.attention.kv_layout import page_votes
+    from keepkv_vllm.attention.quant import KVQuant
+    from keepkv_vllm.attention.reference import vote_attention
+    from keepkv_vllm.kernels import cpu_vote_attention
+
+    lib = cpu_vote_attention.load()
+    assert lib is not None
+    quant = KVQuant.for_cache(fmt, k_scale=0.25, v_scale=3.0)
+    bs, h, d, group = 32, 2, 64, 4
+    g = torch.Generator().manual_seed(3)
+    kv = allocate_padded_cache(5, h, bs, d, torch.uint8, slot_major=False)
+    stored = torch.randint(0, 256, kv.shape, dtype=torch.uint8, generator=g)
+    numbers = stored.view(quant.fp8).float()
+    stored[numbers.isnan() | (numbers.abs() > 8)] = 0  # K/V-like magnitudes; NaN is never written
+    kv.copy_(stored)
+    log_votes = page_votes(kv)
+    assert log_votes.dtype == torch.float16
+    log_votes.copy_(torch.randn(log_votes.shape, generator=g).half())
+    region = kv.view(5, h, 2 * bs * d)  # per (block, head): keys [d][bs], then values [bs][d]
+    keys = region[:, :, : bs * d].view(5, h, d, bs).transpose(2, 3).view(quant.fp8).double() * 0.25
+    values = region[:, :, bs * d :].view(5, h, bs, d).view(quant.fp8).double() * 3.0
+    kernel = cpu_vote_attention.VoteDecodeKernel(lib, kv, (1, bs), (d, 1), log_votes, quant)
+    block_index = torch.tensor([[3, 1], [4, 0]])
+    lens = [bs + 7, 5]
+    q = torch.randn(2, h * group, d, generator=g)
+    got = kernel(q, block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
+    for i, n in enumerate(lens):
+        k, v, votes = (slots_of(x, block_index[i], n) for x in (keys, values, log_votes.double().exp()))
+        want = vote_attention(q[i].view(-1, 1, d).double(), k, v, votes, scale=d**-0.5)
+        torch.testing.assert_close(got[i], want[:, 0].float(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.cpu_fp8_kv
 @pytest.mark.parametrize("fmt", ["fp8", "fp8_e5m2"])
 def test_fp8_cpu_cache_reads_and_writes_bytes_where_vllm_puts_them(fmt):
     from vllm import _custom_ops as ops

@@ -124,6 +124,10 @@ class PagedKV(Protocol):
         """Keys and values of whole blocks: block_index [R, n] -> each [R, H, n * bs, d]."""
         ...
 
+    def prepare(self) -> None:
+        """Build what the first compressed step would otherwise build (readers, kernels)."""
+        ...
+
 
 def slot_index(
     block_ids: torch.Tensor, start: int, end: int, block_size: int
@@ -164,6 +168,11 @@ class FlashPagedKV:
         self.quant = quant or KVQuant()
         self.key_cache, self.value_cache = kv_cache.transpose(1, 2).split(self.head_dim, dim=-1)
         self.log_votes = page_votes(kv_cache)
+
+    def prepare(self) -> None:
+        if self.quant.quantized:  # the fp8 reader (compiled on the CPU)
+            zeros = torch.zeros(2, 2, 2, 2, dtype=torch.uint8, device=self.kv_cache.device)
+            self.quant.dequantize(zeros, 1.0)
 
     def gather(self, block_ids: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         blk, off = slot_index(block_ids, start, end, self.block_size)

@@ -109,10 +109,14 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _batched_decode(self, q: torch.Tensor, paged: CPUPagedKV, batch: VotedDecodeBatch) -> torch.Tensor:
         """softmax(q.k * scale + log p) @ V for all voted decode requests at once: [R, H_q, d]."""
+        query = q[batch.token_index]
+        if paged.vote_kernel is not None:  # the KV read once, in place, as the stock kernel does
+            query = query.float().contiguous()
+            return paged.vote_kernel(query, batch.block_index, batch.seq_lens, self.scale)
         keys, values = paged.gather_blocks(batch.block_index)
         quant = paged.quant
         return batched_vote_decode(
-            q[batch.token_index],
+            query,
             quant.dequantize(keys, quant.k_scale),
             quant.dequantize(values, quant.v_scale),
             gather_block_votes(paged.log_votes, batch.block_index),

@@ -15,12 +15,17 @@ gather of a 1.5k-token batch cost ~3x more (docs/throughput.md).
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from vllm import _custom_ops as ops
 
-from keepkv_vllm.attention.kv_layout import page_votes
+from keepkv_vllm.attention.kv_layout import allocate_padded_cache, gather_block_votes, page_votes
+from keepkv_vllm.attention.paged_torch import batched_vote_decode
 from keepkv_vllm.attention.quant import KVQuant
+from keepkv_vllm.kernels import cpu_vote_attention
+
+logger = logging.getLogger("vllm.keepkv")
 
 
 def split_kv(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,11 +141,35 @@ class CPUPagedKV:
         nb, self.num_heads, self.block_size, self.head_dim = self.key_cache.shape
         self.isa = isa
         self.kv_cache_dtype = kv_cache_dtype
+        self.model_dtype = model_dtype
+        self.vote_kernel: cpu_vote_attention.VoteDecodeKernel | None = None  # set by prepare()
         self.key_perm, self.value_perm = probe_layout(
             isa, self.block_size, self.head_dim, kv_cache.dtype, kv_cache_dtype, model_dtype
         )
         self.key_layout = strided_layout(self.key_perm, self.block_size, self.head_dim)
         self.value_layout = strided_layout(self.value_perm, self.block_size, self.head_dim)
+
+    def prepare(self) -> None:
+        """Build now what the first compressed step would otherwise build: the fp8 reader and
+        the vote kernel (compiled once per machine, checked once per layout)."""
+        if self.quant.quantized:
+            self.quant.dequantize(torch.zeros(2, 2, 2, 2, dtype=torch.uint8), 1.0)
+        self.vote_kernel = self._vote_kernel()
+
+    def _vote_kernel(self) -> cpu_vote_attention.VoteDecodeKernel | None:
+        """The native vote decode kernel for this layer, if it builds and agrees with torch."""
+        two_dim = lambda layout: layout is not None and layout[0] == (self.block_size, self.head_dim)
+        if not (two_dim(self.key_layout) and two_dim(self.value_layout)):
+            return None
+        if not cpu_vote_attention.supports(self.kv_cache, self.log_votes):
+            return None
+        lib = cpu_vote_attention.load()
+        layout = (self.isa, self.block_size, self.head_dim, self.kv_cache.dtype, self.kv_cache_dtype)
+        if lib is None or not _vote_kernel_agrees(*layout, self.model_dtype):
+            return None
+        return cpu_vote_attention.VoteDecodeKernel(
+            lib, self.kv_cache, self.key_layout[1], self.value_layout[1], self.log_votes, self.quant
+        )
 
     @property
     def reads_blocks(self) -> bool:
@@ -221,3 +250,69 @@ class CPUPagedKV:
             slot_mapping.long(),
             self.isa,
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _vote_kernel_agrees(
+    isa: str,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str,
+    model_dtype: torch.dtype | None,
+) -> bool:
+    """Self-check before serving: the native kernel against the torch vote path on a small
+    random paged cache of this layout, written by vLLM's own op (3 requests, partial blocks,
+    GQA 3, votes != 1). A mismatch keeps the torch path and says so."""
+    gen = torch.Generator().manual_seed(0)
+    heads, group, num_blocks = 2, 3, 7
+    kv = allocate_padded_cache(num_blocks, heads, block_size, head_dim, dtype, slot_major=False)
+    quant = KVQuant.for_cache(kv_cache_dtype)
+    paged = CPUPagedKV(kv, isa, kv_cache_dtype, quant, model_dtype)
+    source = model_dtype or dtype
+    data = [torch.randn(num_blocks * block_size, heads, head_dim, generator=gen).to(source) for _ in (0, 1)]
+    ops.cpu_attn_reshape_and_cache(
+        data[0],
+        data[1],
+        paged.key_cache,
+        paged.value_cache,
+        torch.arange(num_blocks * block_size),
+        isa,
+        1.0,
+        1.0,
+        kv_cache_dtype,
+    )
+    paged.log_votes.copy_(torch.rand(paged.log_votes.shape, generator=gen) * 3)
+    lib = cpu_vote_attention.load()
+    assert lib is not None
+    kernel = cpu_vote_attention.VoteDecodeKernel(
+        lib, kv, paged.key_layout[1], paged.value_layout[1], paged.log_votes, quant
+    )
+    block_index = torch.tensor([[1, 2], [3, 0], [6, 5]], dtype=torch.long)
+    seq_lens = torch.tensor([block_size + 3, 1, 2 * block_size], dtype=torch.int32)
+    query = torch.randn(3, heads * group, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    got = kernel(query, block_index, seq_lens, scale)
+    keys, values = paged.gather_blocks(block_index)
+    valid = torch.arange(2 * block_size)[None, :] < seq_lens[:, None].long()
+    want = batched_vote_decode(
+        query,
+        quant.dequantize(keys, quant.k_scale),
+        quant.dequantize(values, quant.v_scale),
+        gather_block_votes(paged.log_votes, block_index),
+        valid,
+        scale,
+    ).float()
+    error = (got - want).abs().max().item()
+    if not error <= 1e-4:
+        logger.error(
+            "kv compression: the CPU vote kernel disagrees with torch on this layout (isa=%s, %s, "
+            "block size %d, head size %d): max error %.3g; voted rows use the torch path",
+            isa,
+            kv_cache_dtype if kv_cache_dtype != "auto" else dtype,
+            block_size,
+            head_dim,
+            error,
+        )
+        return False
+    return True

@@ -97,9 +97,8 @@ class CompressionRunnerMixin:
         state.layers = self._kvc_paged_layers()
         if is_profiling:
             return  # vLLM frees only its own tensors after a profiling cache: allocate nothing
-        for paged in list(state.layers.values())[:1]:
-            if paged.quant.quantized:  # build the fp8 reader now, not on the first compressed step
-                paged.quant.dequantize(torch.zeros(2, 2, 2, 2, dtype=torch.uint8, device=self.device), 1.0)
+        for paged in state.layers.values():
+            paged.prepare()  # fp8 reader, vote kernel: built now, not on the first compressed step
         rows, geometry = window_rows(state.config, self.vllm_config, kv_cache_config)
         state.window = QueryWindow(state.config.window, rows)
         context = self.compilation_config.static_forward_context
@@ -254,7 +253,8 @@ class CompressionRunnerMixin:
             block_index[i, :n] = r.block_ids[:n]
             valid[i, : r.seq_len] = True
         token_index = torch.tensor([r.token_start for r in decodes], dtype=torch.long)
-        return VotedDecodeBatch(token_index, block_index, valid)
+        seq_lens = torch.tensor([r.seq_len for r in decodes], dtype=torch.int32)
+        return VotedDecodeBatch(token_index, block_index, valid, seq_lens)
 
 
 class KeepKVCPUModelRunner(CompressionRunnerMixin, CPUModelRunner):

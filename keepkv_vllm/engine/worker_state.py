@@ -38,6 +38,7 @@ class VotedDecodeBatch:
     token_index: torch.Tensor  # [R] rows of the step's query/output
     block_index: torch.Tensor  # [R, n] each request's blocks, padded with block 0
     valid: torch.Tensor  # [R, n * block_size] bool: slot < the request's seq_len
+    seq_lens: torch.Tensor  # [R] int32: each request's slots (the native kernel's bound)
 
 
 @dataclass(frozen=True)

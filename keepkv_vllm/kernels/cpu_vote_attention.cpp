@@ -1,0 +1,243 @@
+// Vote-weighted paged decode attention for vLLM's CPU KV cache (Electoral Votes):
+//   out = softmax(q . k_j * scale + log p_j) @ V   over a request's slots j < seq_len,
+// one query token per request, reading the cache in place in vLLM's own packed layout.
+//
+// vLLM's CPU attention kernel cannot add a per-slot bias, so before this kernel the vote path
+// copied every voted request's blocks out of the packed layout and ran torch's batched matmuls
+// (about 5x the stock kernel's time per layer). Here the KV is read once, in a single pass
+// with an online softmax, like the stock kernel does. Built at first use by cpu_vote_attention.py
+// with the machine's C++ compiler (vLLM's compiled mode needs one anyway); no torch headers, so
+// it compiles in about a second. OpenMP comes from the libgomp torch already loaded.
+//
+// Layout (described by the caller, probed from vLLM's own cache-write op): the cache is a list
+// of pages; page b, kv-head h holds keys at  cache + b*block_stride + h*head_stride + key_start
+// and values at ... + value_start; slot t, dim c of either is at  t*X_t + c*X_c  from there.
+// Log-votes: votes + b*vote_block_stride + h*vote_head_stride + t.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+
+struct VoteDecodeArgs {
+  int64_t num_reqs, num_kv_heads, group, head_dim, block_size, max_blocks;
+  int64_t block_stride, head_stride, key_start, value_start, k_t, k_c, v_t, v_c;
+  int64_t vote_block_stride, vote_head_stride;
+  int32_t kv_kind;    // 0 float32, 1 bfloat16, 2 float16, 3 one byte through `lut` (fp8)
+  int32_t vote_kind;  // 0 float32, 1 float16
+  float scale;        // softmax scale times the key scale
+  float v_scale;
+  const void* cache;
+  const void* votes;
+  const float* lut;           // 256 floats: what each fp8 byte means (kv_kind 3)
+  const float* query;         // [num_reqs, num_kv_heads, group, head_dim]
+  const int64_t* block_table; // [num_reqs, max_blocks]
+  const int32_t* seq_lens;    // [num_reqs]
+  float* out;                 // [num_reqs, num_kv_heads, group, head_dim]
+};
+
+}  // extern "C"
+
+namespace {
+
+inline float bf16_to_float(uint16_t x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400u) == 0);
+    bits = sign | ((112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct F32 {
+  using T = float;
+  static float get(const T* p, int64_t i, const float*) { return p[i]; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float get(const T* p, int64_t i, const float*) { return bf16_to_float(p[i]); }
+};
+struct F16 {
+  using T = uint16_t;
+  static float get(const T* p, int64_t i, const float*) { return f16_to_float(p[i]); }
+};
+struct Byte {
+  using T = uint8_t;
+  static float get(const T* p, int64_t i, const float* lut) { return lut[p[i]]; }
+};
+
+float vote_at(const VoteDecodeArgs& a, const void* base, int64_t t) {
+  return a.vote_kind == 0 ? static_cast<const float*>(base)[t]
+                          : f16_to_float(static_cast<const uint16_t*>(base)[t]);
+}
+
+// s[g][t] = q[g] . K[t] for the block's first n slots (q already scaled)
+template <class E>
+void block_logits(const VoteDecodeArgs& a, const typename E::T* key, const float* q, float* s, int64_t n) {
+  const int64_t G = a.group, d = a.head_dim, bs = a.block_size;
+  if (a.k_t == 1) {  // keys stored dim-major ([d][bs], vLLM's "vec"): vectorise over slots
+    for (int64_t g = 0; g < G; ++g) std::fill(s + g * bs, s + g * bs + n, 0.0f);
+    for (int64_t c = 0; c < d; ++c) {
+      const typename E::T* row = key + c * a.k_c;
+      for (int64_t g = 0; g < G; ++g) {
+        const float qc = q[g * d + c];
+        float* sg = s + g * bs;
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) sg[t] += qc * E::get(row, t, a.lut);
+      }
+    }
+  } else {  // slot-major (or any other 2D stride): a dot product per slot
+    for (int64_t t = 0; t < n; ++t) {
+      const typename E::T* k = key + t * a.k_t;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = q + g * d;
+        float acc = 0.0f;
+        if (a.k_c == 1) {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < d; ++c) acc += qg[c] * E::get(k, c, a.lut);
+        } else {
+          for (int64_t c = 0; c < d; ++c) acc += qg[c] * E::get(k, c * a.k_c, a.lut);
+        }
+        s[g * bs + t] = acc;
+      }
+    }
+  }
+}
+
+// acc[g] += sum_t p[g][t] * V[t] for the block's first n slots
+template <class E>
+void block_values(const VoteDecodeArgs& a, const typename E::T* value, const float* p, float* acc, int64_t n) {
+  const int64_t G = a.group, d = a.head_dim, bs = a.block_size;
+  if (a.v_c == 1) {  // slot-major values ([bs][d], vLLM's "vec"): vectorise over dims
+    for (int64_t t = 0; t < n; ++t) {
+      const typename E::T* v = value + t * a.v_t;
+      for (int64_t g = 0; g < G; ++g) {
+        const float pt = p[g * bs + t];
+        float* ag = acc + g * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) ag[c] += pt * E::get(v, c, a.lut);
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* pg = p + g * bs;
+      for (int64_t c = 0; c < d; ++c) {
+        const typename E::T* col = value + c * a.v_c;
+        float sum = 0.0f;
+        if (a.v_t == 1) {
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = 0; t < n; ++t) sum += pg[t] * E::get(col, t, a.lut);
+        } else {
+          for (int64_t t = 0; t < n; ++t) sum += pg[t] * E::get(col, t * a.v_t, a.lut);
+        }
+        acc[g * d + c] += sum;
+      }
+    }
+  }
+}
+
+// One (request, kv-head): all its query heads over all its slots, online softmax over blocks.
+template <class E>
+void decode_one(const VoteDecodeArgs& a, int64_t r, int64_t h, float* q, float* s, float* acc, float* m,
+                float* l) {
+  const int64_t G = a.group, d = a.head_dim, bs = a.block_size;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float* q_in = a.query + (r * a.num_kv_heads + h) * G * d;
+  for (int64_t i = 0; i < G * d; ++i) q[i] = q_in[i] * a.scale;
+  std::fill(acc, acc + G * d, 0.0f);
+  std::fill(m, m + G, neg_inf);
+  std::fill(l, l + G, 0.0f);
+  const auto* cache = static_cast<const typename E::T*>(a.cache);
+  const int64_t seq_len = a.seq_lens[r];
+  const int64_t vote_size = a.vote_kind == 0 ? 4 : 2;
+  for (int64_t blk = 0; blk * bs < seq_len; ++blk) {
+    const int64_t n = seq_len - blk * bs < bs ? seq_len - blk * bs : bs;
+    const int64_t b = a.block_table[r * a.max_blocks + blk];
+    const typename E::T* region = cache + b * a.block_stride + h * a.head_stride;
+    const void* votes =
+        static_cast<const char*>(a.votes) + (b * a.vote_block_stride + h * a.vote_head_stride) * vote_size;
+    block_logits<E>(a, region + a.key_start, q, s, n);
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = s + g * bs;
+      float block_max = neg_inf;
+      for (int64_t t = 0; t < n; ++t) {
+        sg[t] += vote_at(a, votes, t);
+        block_max = sg[t] > block_max ? sg[t] : block_max;
+      }
+      const float m_new = block_max > m[g] ? block_max : m[g];
+      if (m_new == neg_inf) {  // nothing visible yet (every log-vote -inf): keep zeros
+        for (int64_t t = 0; t < n; ++t) sg[t] = 0.0f;
+        continue;
+      }
+      const float alpha = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        sg[t] = std::exp(sg[t] - m_new);
+        sum += sg[t];
+      }
+      l[g] = l[g] * alpha + sum;
+      m[g] = m_new;
+      float* ag = acc + g * d;
+      for (int64_t c = 0; c < d; ++c) ag[c] *= alpha;
+    }
+    block_values<E>(a, region + a.value_start, s, acc, n);
+  }
+  float* o = a.out + (r * a.num_kv_heads + h) * G * d;
+  for (int64_t g = 0; g < G; ++g) {
+    const float norm = l[g] > 0.0f ? a.v_scale / l[g] : 0.0f;
+    for (int64_t c = 0; c < d; ++c) o[g * d + c] = acc[g * d + c] * norm;
+  }
+}
+
+template <class E>
+void decode_all(const VoteDecodeArgs& a) {
+  const int64_t tasks = a.num_reqs * a.num_kv_heads;
+#pragma omp parallel
+  {
+    // per-thread workspace: scaled queries, logits/probabilities of one block, accumulators
+    std::vector<float> work(a.group * (a.head_dim * 2 + a.block_size + 2));
+    float* q = work.data();
+    float* acc = q + a.group * a.head_dim;
+    float* s = acc + a.group * a.head_dim;
+    float* m = s + a.group * a.block_size;
+    float* l = m + a.group;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task)
+      decode_one<E>(a, task / a.num_kv_heads, task % a.num_kv_heads, q, s, acc, m, l);
+  }
+}
+
+}  // namespace
+
+extern "C" int keepkv_vote_decode(const VoteDecodeArgs* a) {
+  if (a->vote_kind != 0 && a->vote_kind != 1) return 2;
+  switch (a->kv_kind) {
+    case 0: decode_all<F32>(*a); return 0;
+    case 1: decode_all<BF16>(*a); return 0;
+    case 2: decode_all<F16>(*a); return 0;
+    case 3: decode_all<Byte>(*a); return 0;
+    default: return 1;
+  }
+}

@@ -1,0 +1,233 @@
+"""The CPU vote-weighted decode kernel (cpu_vote_attention.cpp): build, load, call.
+
+Built when the KV cache is allocated, with the machine's C++ compiler (``$CXX``, else
+``g++``/``c++``; about a second) into ``$KEEPKV_KERNEL_CACHE`` (default
+``~/.cache/keepkv-vllm/kernels``), keyed by the source, the flags and the CPU, so later
+processes load it in milliseconds. It links the OpenMP runtime
+torch already loaded (``libgomp.so.1``), so it runs on torch's threads. No vLLM import.
+
+``load()`` returns None when no compiler works; the caller then keeps the torch path
+(correct, slower) and says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from keepkv_vllm.attention.quant import KVQuant
+
+logger = logging.getLogger("vllm.keepkv")
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
+_VOTE_KINDS = {torch.float32: 0, torch.float16: 1}
+
+
+class VoteDecodeArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int64)
+        for name in (
+            "num_reqs",
+            "num_kv_heads",
+            "group",
+            "head_dim",
+            "block_size",
+            "max_blocks",
+            "block_stride",
+            "head_stride",
+            "key_start",
+            "value_start",
+            "k_t",
+            "k_c",
+            "v_t",
+            "v_c",
+            "vote_block_stride",
+            "vote_head_stride",
+        )
+    ] + [
+        ("kv_kind", ctypes.c_int32),
+        ("vote_kind", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("v_scale", ctypes.c_float),
+        ("cache", ctypes.c_void_p),
+        ("votes", ctypes.c_void_p),
+        ("lut", ctypes.c_void_p),
+        ("query", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p),
+        ("seq_lens", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+    ]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KEEPKV_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "keepkv-vllm" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(compiler: str) -> Path:
+    """Compile the kernel (or find it built) and return the shared library's path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_id()]).encode()).hexdigest()
+    directory = _cache_dir()
+    target = directory / f"cpu_vote_attention-{key[:16]}.so"
+    if target.exists():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some containers): this process's temp folder
+        directory = Path(tempfile.mkdtemp(prefix="keepkv-vllm-kernels-"))
+        target = directory / target.name
+    # several workers may build at once (tensor parallel): each writes its own file, then renames
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with one warning) when it cannot be built here."""
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise OSError("no C++ compiler found (set CXX, or install g++)")
+        torch.get_num_threads()  # torch (and its libgomp.so.1) is loaded before the kernel links it
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning(
+            "kv compression: the CPU vote kernel could not be built (%s); voted rows use the "
+            "slower torch path",
+            detail.strip().splitlines()[-1] if detail.strip() else type(exc).__name__,
+        )
+        return None
+    lib.keepkv_vote_decode.argtypes = [ctypes.POINTER(VoteDecodeArgs)]
+    lib.keepkv_vote_decode.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=4)
+def _fp8_table(fp8: torch.dtype) -> torch.Tensor:
+    """What each of the 256 bytes means in the fp8 format (NaN codes included)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).float().contiguous()
+
+
+def supports(kv_cache: torch.Tensor, log_votes: torch.Tensor) -> bool:
+    """Whether the kernel reads this cache (element and vote types it knows, on the CPU)."""
+    return (
+        kv_cache.device.type == "cpu"
+        and kv_cache.dtype in _KV_KINDS
+        and log_votes.dtype in _VOTE_KINDS
+        and log_votes.stride(2) == 1
+    )
+
+
+class VoteDecodeKernel:
+    """The kernel bound to one layer's cache: the layout is fixed once, a call passes the step.
+
+    kv_cache is vLLM's CPU view ``[num_blocks, H_kv, block_size, 2 d]`` whose (block, head)
+    region holds the keys' packed tile, then the values' (``block_size * d`` elements each;
+    slot t, dim c at ``t * X_t + c * X_c``: the strides given); log_votes
+    ``[num_blocks, H_kv, block_size]``. Arguments are built once because a call is per layer
+    and step: building them each time cost ~8x the kernel on a short batch.
+    """
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        kv_cache: torch.Tensor,
+        key_strides: tuple[int, int],
+        value_strides: tuple[int, int],
+        log_votes: torch.Tensor,
+        quant: KVQuant,
+    ) -> None:
+        if not supports(kv_cache, log_votes):
+            raise ValueError(f"CPU vote kernel: unsupported cache {kv_cache.dtype} / votes {log_votes.dtype}")
+        self._lib, self._tensors = lib, (kv_cache, log_votes)  # keep what the pointers point into
+        _, h_kv, bs, content = kv_cache.shape
+        d = content // 2
+        self._lut = _fp8_table(quant.fp8) if quant.quantized else None
+        self._args = VoteDecodeArgs(
+            num_kv_heads=h_kv,
+            head_dim=d,
+            block_size=bs,
+            block_stride=kv_cache.stride(0),
+            head_stride=kv_cache.stride(1),
+            key_start=0,
+            value_start=bs * d,
+            k_t=key_strides[0],
+            k_c=key_strides[1],
+            v_t=value_strides[0],
+            v_c=value_strides[1],
+            vote_block_stride=log_votes.stride(0),
+            vote_head_stride=log_votes.stride(1),
+            kv_kind=_KV_KINDS[kv_cache.dtype],
+            vote_kind=_VOTE_KINDS[log_votes.dtype],
+            v_scale=quant.v_scale,
+            cache=kv_cache.data_ptr(),
+            votes=log_votes.data_ptr(),
+            lut=self._lut.data_ptr() if self._lut is not None else None,
+        )
+        self._k_scale = quant.k_scale
+        self._num_kv_heads = h_kv
+
+    def __call__(
+        self, query: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """softmax(q.k * scale + log p) @ V of one query per request over its paged slots.
+
+        query [R, H_q, d] float32, contiguous; block_table [R, n] int64 and seq_lens [R] int32,
+        contiguous (slots per request, at most ``n * block_size``). Returns float32 [R, H_q, d].
+        """
+        out = torch.empty_like(query)
+        a = self._args
+        a.num_reqs, a.max_blocks = query.shape[0], block_table.shape[1]
+        a.group = query.shape[1] // self._num_kv_heads
+        a.scale = scale * self._k_scale
+        a.query, a.block_table, a.seq_lens, a.out = (
+            query.data_ptr(),
+            block_table.data_ptr(),
+            seq_lens.data_ptr(),
+            out.data_ptr(),
+        )
+        status = self._lib.keepkv_vote_decode(ctypes.byref(a))
+        if status:
+            raise ValueError(f"CPU vote kernel refused its arguments (status {status})")
+        return out
