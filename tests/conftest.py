@@ -10,6 +10,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# vLLM's CPU engine stores an fp8 KV cache only on x86 with AVX-512 or AMX (its
+# _get_attn_isa refuses the rest); machines of this project's kind come with and without it.
+CPU_FP8_KV = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cpu_fp8_kv`` need vLLM's CPU fp8 cache: skipped, saying why, where it is absent."""
+    if CPU_FP8_KV:
+        return
+    skip = pytest.mark.skip(reason="vLLM's CPU fp8 KV cache needs x86 AVX-512 or AMX; this CPU has neither")
+    for item in items:
+        if "cpu_fp8_kv" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cpu_fp8_kv() -> bool:
+    return CPU_FP8_KV
+
 
 def make_inputs(
     h_kv: int = 2,

@@ -72,13 +72,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 @pytest.fixture(scope="module")
-def servers():
-    started = {
-        "stock": ServerProcess(COMMON),
-        "keepkv": ServerProcess(COMMON + KEEPKV),
-        "stock-fp8": ServerProcess(FP8),
-        "keepkv-fp8": ServerProcess(FP8 + KEEPKV_FP8),
-    }
+def servers(cpu_fp8_kv):
+    started = {"stock": ServerProcess(COMMON), "keepkv": ServerProcess(COMMON + KEEPKV)}
+    if cpu_fp8_kv:
+        started |= {"stock-fp8": ServerProcess(FP8), "keepkv-fp8": ServerProcess(FP8 + KEEPKV_FP8)}
     errors = []
 
     def start(server: ServerProcess) -> None:
@@ -282,6 +279,7 @@ def fp8_runs(servers, prompts, runs):
     return _record("e2e_fp8_pressure.json", out)
 
 
+@pytest.mark.cpu_fp8_kv
 def test_fp8_stock_preempts_and_keepkv_on_fp8_compresses_instead(fp8_runs):
     assert fp8_runs["stock-fp8"]["preemptions"] > 0
     run = fp8_runs["keepkv-fp8@30%"]
@@ -294,11 +292,13 @@ def test_fp8_stock_preempts_and_keepkv_on_fp8_compresses_instead(fp8_runs):
         assert r["completion_tokens"] == [OUTPUT_TOKENS] * NUM_REQUESTS
 
 
+@pytest.mark.cpu_fp8_kv
 def test_fp8_needle_within_one_item_of_auto_at_the_same_budget(runs, fp8_runs):
     auto, fp8 = runs["keepkv@30%"]["score"], fp8_runs["keepkv-fp8@30%"]["score"]
     assert fp8 >= auto - 1, (auto, fp8)
 
 
+@pytest.mark.cpu_fp8_kv
 def test_fp8_pool_counts_votes_and_window_inside_the_bytes_given(servers, fp8_runs):
     keepkv, stock = fp8_runs["keepkv-fp8@30%"]["stats"], fp8_runs["stock-fp8"]["stats"]
     assert stock["kv_cache"]["total_blocks"] == FP8_STOCK_BLOCKS - 1  # less vLLM's null block
@@ -313,6 +313,7 @@ def test_fp8_pool_counts_votes_and_window_inside_the_bytes_given(servers, fp8_ru
     assert servers["keepkv-fp8"].metrics()["keepkv_saturated_elements_total"] == 0
 
 
+@pytest.mark.cpu_fp8_kv
 def test_fp8_uncompressed_witness_matches_stock_fp8(servers, prompts, fp8_runs):
     # after the pressure run: blocks compacted, merged and freed on this pool are reused
     prompt = prompts[0].token_ids
