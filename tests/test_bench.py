@@ -10,7 +10,7 @@ from keepkv_vllm.bench import gpu_projection
 
 
 @pytest.mark.slow
-def test_keepkv_bench_runs_both_servers_and_reports_ratios(tmp_path):
+def test_keepkv_bench_runs_stock_compressed_and_ceiling_and_reports_ratios(tmp_path):
     from keepkv_vllm.bench import throughput
 
     out = tmp_path / "bench"
@@ -21,18 +21,75 @@ def test_keepkv_bench_runs_both_servers_and_reports_ratios(tmp_path):
         ]
     )  # fmt: skip
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["stock", "keepkv@0.5"]
-    assert rows[0]["throughput_ratio"] == 1.0
+    stock, keepkv, ceiling = rows
+    assert [stock["label"], keepkv["label"]] == ["stock", "keepkv@0.5"]
+    assert ceiling["method"] == "ceiling" and ceiling["budget"] == 0.5
+    assert stock["throughput_ratio"] == 1.0
     for r in rows:
         assert r["completed"] == 2 and r["output_tokens"] == 16
         assert r["ttft_p50_s"] > 0 and r["tpot_p50_s"] > 0
     # equal memory: the compressed server's votes and window come out of the same bytes
-    stock, keepkv = rows
     assert stock["side_bytes"] == 0 and stock["vote_bytes"] == 0
     assert keepkv["side_bytes"] > 0 and keepkv["vote_bytes"] > 0
     assert keepkv["pool_blocks"] < stock["pool_blocks"]
-    assert (out / "bench.md").read_text().startswith("| run |")
+    # the ceiling's pool holds keepkv's peak concurrency at full length (3 blocks of 308 tokens each)
+    assert ceiling["pool_blocks"] == 3 * max(1, keepkv["peak_running"])
+    assert keepkv["efficiency"] == keepkv["output_tok_s"] / ceiling["output_tok_s"]
+    assert stock["efficiency"] is None and ceiling["efficiency"] is None
+    report = (out / "bench.md").read_text()
+    assert report.startswith("| run |") and "x ceiling" in report and "per compression ms" in report
     assert (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_keepkv_bench_drives_the_chat_mix_through_vllm_bench_serve(tmp_path):
+    from keepkv_vllm.bench import throughput
+
+    out = tmp_path / "chat"
+    throughput.main(
+        [
+            "--workload", "chat", "--num-prompts", "4", "--concurrency", "4", "--budgets", "0.5",
+            "--kv-blocks", "40", "--no-ceiling", "--out", str(out), "--enforce-eager",
+        ]
+    )  # fmt: skip
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    lines = (out / "chat.jsonl").read_text().splitlines()
+    want = sum(json.loads(line)["output_tokens"] for line in lines)
+    assert [r["label"] for r in rows] == ["stock", "keepkv@0.5"]
+    for r in rows:  # vllm bench serve ran every request to its drawn length (--ignore-eos)
+        assert r["completed"] == 4 and r["output_tokens"] == want
+        assert r["tpot_p50_s"] > 0 and r["needle_score"] != r["needle_score"]  # no needle: NaN
+
+
+def test_chat_mix_is_seeded_and_heavy_tailed():
+    import random
+
+    from keepkv_vllm.bench.chat import ChatMix
+
+    mix = ChatMix()
+    draws = [mix.draw(random.Random(7)) for _ in range(2)]
+    assert draws[0] == draws[1]
+    rng = random.Random(0)
+    prompts, outputs = zip(*(mix.draw(rng) for _ in range(2000)), strict=True)
+    for values, (low, high), median in (
+        (prompts, mix.prompt_range, mix.prompt_median),
+        (outputs, mix.output_range, mix.output_median),
+    ):
+        ordered = sorted(values)
+        assert low <= ordered[0] and ordered[-1] <= high
+        assert 0.8 * median <= ordered[len(ordered) // 2] <= 1.2 * median
+        assert ordered[int(0.95 * len(ordered))] > 3 * median  # a long tail: mean well above median
+        assert sum(values) / len(values) > 1.2 * ordered[len(ordered) // 2]
+
+
+def test_ceiling_pool_holds_the_longest_requests_that_ran_at_once():
+    from keepkv_vllm.bench.throughput import ceiling_blocks
+
+    lengths = [300, 1000, 129, 2000]  # 3, 8, 2 and 16 blocks of 128
+    assert ceiling_blocks(lengths, 1, 128) == 16 + 1  # plus vLLM's null block
+    assert ceiling_blocks(lengths, 2, 128) == 16 + 8 + 1
+    assert ceiling_blocks(lengths, 9, 128) == 16 + 8 + 3 + 2 + 1
+    assert ceiling_blocks(lengths, 0, 128) == 17  # never below one request
 
 
 def test_gpu_projection_batch_grows_as_the_budget_shrinks():

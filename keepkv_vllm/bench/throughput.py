@@ -3,14 +3,19 @@
 Starts the real OpenAI server (``vllm serve``) once stock and once per method, all with the
 same model and the same KV memory (``--kv-cache-memory-bytes``: a compressed server's votes,
 query window and scratch come out of those bytes, so its pool has fewer blocks; each row
-reports its pool and the memory beside it), and drives each with the same needle workload through the
-``openai`` client (streaming, so TTFT and TPOT are measured). Budgets are set per request
-(``vllm_xargs.kv_budget``), so one compressed server covers every budget. Reports, per run
-and as ratios to stock from the same invocation: output tokens/s, requests/s, TTFT and TPOT
-p50/p99, preemptions, peak running requests, blocks freed, needle score. Writes JSON, a
-markdown table and a PNG.
+reports its pool and the memory beside it), and drives each with the same workload: needle
+prompts through the ``openai`` client (streaming, so TTFT and TPOT are measured), or a
+heavy-tailed chat mix through vLLM's own ``vllm bench serve`` (``--workload chat``). Budgets
+are set per request (``vllm_xargs.kv_budget``), so one compressed server covers every budget.
+Then, per budget, the **ceiling**: stock vLLM on a pool big enough for the concurrency the
+compressed server reached there (its peak running requests at their full length), which no
+compression can beat. Reports, per run: output tokens/s, x stock (the gain), x ceiling (the
+efficiency), requests/s, TTFT and TPOT p50/p99, preemptions, peak running requests, blocks
+freed, needle score, and where compression's time went. Writes JSON, markdown and a PNG.
 
     keepkv-bench --num-prompts 16 --prompt-tokens 1535 --output-tokens 128 --kv-blocks 38
+    keepkv-bench --workload chat --num-prompts 48 --concurrency 16 --kv-blocks 24
+    keepkv-bench micro      # per-layer costs: voted vs stock decode, compaction (bench/step.py)
 
 ``--kv-cache-dtypes auto fp8`` repeats stock and every method on an fp8 KV cache in the same
 bytes (vLLM sizes the fp8 pool from them: about four times the tokens of an fp32 model's).
@@ -23,9 +28,11 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench import chat
+from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
 from keepkv_vllm.bench.workload import RequestResult, run_concurrent
 
 
@@ -61,50 +68,20 @@ class PeakRunning:
         self._thread.join()
 
 
-def measure(
-    server: ServerProcess, prompts: list, args: argparse.Namespace, label: str, xargs: dict | None
-) -> dict:
-    from tqdm import tqdm
-
+def observe(server: ServerProcess, label: str, drive: Callable[[], dict]) -> dict:
+    """Run ``drive`` (a client: returns its own figures) and add what the server saw meanwhile:
+    preemptions, peak running requests, compressions, worker time, pool and side memory."""
     before_metrics = server.metrics()
     before = server.get_json("/v1/kv_compression")
-    bar = tqdm(total=len(prompts), desc=label, unit="req", leave=False)
-    start = time.perf_counter()
     with PeakRunning(server) as peak:
-        results: list[RequestResult] = asyncio.run(
-            run_concurrent(
-                server.base_url,
-                prompts,
-                args.output_tokens,
-                args.concurrency,
-                xargs=xargs,
-                stream=True,
-                progress=bar,
-            )
-        )
-    wall = time.perf_counter() - start
-    bar.close()
+        client = drive()
     after = server.get_json("/v1/kv_compression")
     after_metrics = server.metrics()
-    tokens = sum(r.completion_tokens for r in results)
-    ttft = [r.ttft_s for r in results if r.ttft_s is not None]
-    tpot = [
-        (r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
-        for r in results
-        if r.ttft_s is not None and r.completion_tokens > 1
-    ]
     counters = lambda s: s.get("counters", {})  # noqa: E731
     worker = lambda s, k: s.get("worker", {}).get(k, 0.0)  # noqa: E731
     return {
         "label": label,
-        "wall_s": wall,
-        "output_tokens": tokens,
-        "output_tok_s": tokens / wall,
-        "req_s": len(results) / wall,
-        "ttft_p50_s": _pct(ttft, 0.5),
-        "ttft_p99_s": _pct(ttft, 0.99),
-        "tpot_p50_s": _pct(tpot, 0.5),
-        "tpot_p99_s": _pct(tpot, 0.99),
+        **client,
         "preemptions": after_metrics.get("vllm:num_preemptions_total", 0)
         - before_metrics.get("vllm:num_preemptions_total", 0),
         "peak_running": peak.peak,
@@ -114,12 +91,124 @@ def measure(
         "compaction_s": worker(after, "compaction_seconds") - worker(before, "compaction_seconds"),
         "vote_attention_s": worker(after, "vote_attention_seconds")
         - worker(before, "vote_attention_seconds"),
-        "needle_score": sum(r.passcode_found for r in results) / len(results),
         "pool_blocks": after.get("kv_cache", {}).get("total_blocks", 0),
         "side_bytes": worker(after, "memory_window_bytes") + worker(after, "memory_scratch_bytes"),
         "vote_bytes": worker(after, "memory_vote_bytes"),
-        "completed": sum(r.finish_reason in ("length", "stop") for r in results),
     }
+
+
+class NeedleWorkload:
+    """Needle prompts of one length through the ``openai`` client (streaming): TTFT, TPOT and
+    whether each answer holds the passcode."""
+
+    name = "needle"
+
+    def __init__(self, args: argparse.Namespace, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        from keepkv_vllm.eval.needle import NeedleFactory
+
+        factory = NeedleFactory(AutoTokenizer.from_pretrained(model))
+        self.args = args
+        self.prompts = [
+            factory.make(args.prompt_tokens, args.depth, args.seed + i) for i in range(args.num_prompts)
+        ]
+        self.lengths = [args.prompt_tokens + args.output_tokens] * args.num_prompts
+
+    def measure(self, server: ServerProcess, label: str, xargs: dict | None, warm_up: bool = False) -> dict:
+        from tqdm import tqdm
+
+        prompts = self.prompts[:2] if warm_up else self.prompts
+        args = self.args
+
+        def drive() -> dict:
+            bar = tqdm(total=len(prompts), desc=label, unit="req", leave=False)
+            start = time.perf_counter()
+            results: list[RequestResult] = asyncio.run(
+                run_concurrent(
+                    server.base_url,
+                    prompts,
+                    args.output_tokens,
+                    args.concurrency,
+                    xargs=xargs,
+                    stream=True,
+                    progress=bar,
+                )
+            )
+            wall = time.perf_counter() - start
+            bar.close()
+            tokens = sum(r.completion_tokens for r in results)
+            ttft = [r.ttft_s for r in results if r.ttft_s is not None]
+            tpot = [
+                (r.latency_s - r.ttft_s) / (r.completion_tokens - 1)
+                for r in results
+                if r.ttft_s is not None and r.completion_tokens > 1
+            ]
+            return {
+                "wall_s": wall,
+                "output_tokens": tokens,
+                "output_tok_s": tokens / wall,
+                "req_s": len(results) / wall,
+                "ttft_p50_s": _pct(ttft, 0.5),
+                "ttft_p99_s": _pct(ttft, 0.99),
+                "tpot_p50_s": _pct(tpot, 0.5),
+                "tpot_p99_s": _pct(tpot, 0.99),
+                "needle_score": sum(r.passcode_found for r in results) / len(results),
+                "completed": sum(r.finish_reason in ("length", "stop") for r in results),
+            }
+
+        return observe(server, label, drive)
+
+
+class ChatWorkload:
+    """A heavy-tailed chat-like mix through vLLM's own client, ``vllm bench serve`` (bench/chat.py)."""
+
+    name = "chat"
+
+    def __init__(self, args: argparse.Namespace, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        from keepkv_vllm.eval.texts import paul_graham_essays
+
+        self.args, self.model = args, model
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        self.requests = chat.make_requests(tokenizer, paul_graham_essays(), args.num_prompts, args.seed, MIX)
+        self.dataset = chat.write_dataset(self.requests, args.out / "chat.jsonl")
+        self.warm_up_set = chat.write_dataset(self.requests[:2], args.out / "chat-warm-up.jsonl")
+        # what each request holds at its end (the chat template adds a few tokens)
+        self.lengths = [
+            len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True))
+            + r["output_tokens"]
+            for r in self.requests
+        ]
+
+    def measure(self, server: ServerProcess, label: str, xargs: dict | None, warm_up: bool = False) -> dict:
+        args = self.args
+        dataset, count = (self.warm_up_set, 2) if warm_up else (self.dataset, args.num_prompts)
+
+        def drive() -> dict:
+            r = chat.bench_serve(
+                server.base_url, SERVED_NAME, self.model, dataset, count, args.concurrency, args.seed, xargs
+            )
+            return {
+                "wall_s": r["duration"],
+                "output_tokens": r["total_output_tokens"],
+                "output_tok_s": r["output_throughput"],
+                "req_s": r["request_throughput"],
+                "ttft_p50_s": r["median_ttft_ms"] / 1e3,
+                "ttft_p99_s": r["p99_ttft_ms"] / 1e3,
+                "tpot_p50_s": r["median_tpot_ms"] / 1e3,
+                "tpot_p99_s": r["p99_tpot_ms"] / 1e3,
+                "needle_score": float("nan"),
+                "completed": r["completed"],
+            }
+
+        return observe(server, label, drive)
+
+
+#: the chat workload's length distributions (bench/chat.py)
+MIX = chat.ChatMix()
+WORKLOADS = {"needle": NeedleWorkload, "chat": ChatWorkload}
 
 
 def window_memory_for(rows: int, model: str, dtype: str, kv_bytes: int, window: int = 16) -> float:
@@ -141,12 +230,34 @@ def window_memory_for(rows: int, model: str, dtype: str, kv_bytes: int, window: 
     return min(0.5, (rows + 1) * geometry.row_bytes / kv_bytes)
 
 
-def kv_bytes(args: argparse.Namespace) -> int:
-    return args.kv_blocks * args.block_size * args.kv_bytes_per_token
+def model_kv_bytes_per_token(model: str, dtype: str) -> int:
+    """KV bytes one token takes in the model dtype (all layers, K and V), from config.json."""
+    import torch
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return config["num_hidden_layers"] * kv_heads * head_dim * 2 * element
 
 
-def server_args(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> list[str]:
-    pool = kv_bytes(args)
+def kv_bytes(args: argparse.Namespace, blocks: int | None = None, kv_cache_dtype: str = "auto") -> int:
+    """KV memory of ``blocks`` blocks of ``kv_cache_dtype`` (default: ``--kv-blocks`` stock
+    blocks, the memory every compared server gets). An fp8 cache stores one byte per element."""
+    per_token = args.kv_bytes_per_token
+    if kv_cache_dtype.startswith("fp8"):
+        import torch
+
+        per_token //= torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    return (args.kv_blocks if blocks is None else blocks) * args.block_size * per_token
+
+
+def server_args(
+    args: argparse.Namespace, kv_cache_dtype: str = "auto", blocks: int | None = None
+) -> list[str]:
+    """`vllm serve` arguments: the compared bytes, or a pool of ``blocks`` blocks of the dtype."""
+    memory = kv_bytes(args) if blocks is None else kv_bytes(args, blocks, kv_cache_dtype)
     return [
         "--dtype",
         args.dtype,
@@ -157,7 +268,7 @@ def server_args(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> list[
         "--gpu-memory-utilization",
         "0.3",
         "--kv-cache-memory-bytes",
-        str(pool),
+        str(memory),
         "--kv-cache-dtype",
         kv_cache_dtype,
         *(["--enforce-eager"] if args.enforce_eager else []),
@@ -166,36 +277,46 @@ def server_args(args: argparse.Namespace, kv_cache_dtype: str = "auto") -> list[
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from transformers import AutoTokenizer
-
     from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.eval.needle import NeedleFactory
 
     model = args.model or str(model_dir())
-    factory = NeedleFactory(AutoTokenizer.from_pretrained(model))
-    prompts = [factory.make(args.prompt_tokens, args.depth, args.seed + i) for i in range(args.num_prompts)]
+    if args.kv_bytes_per_token is None:
+        args.kv_bytes_per_token = model_kv_bytes_per_token(model, args.dtype)
+    workload = WORKLOADS[args.workload](args, model)
     window_memory = args.window_memory or window_memory_for(
         args.concurrency, model, args.dtype, kv_bytes(args)
     )
     rows = []
     for kv_dtype in args.kv_cache_dtypes:
-        rows += run_dtype(args, model, prompts, kv_dtype, window_memory)
+        rows += run_dtype(args, model, workload, kv_dtype, window_memory)
     stock_row = rows[0]
+    ceilings = {(r["kv_cache_dtype"], r["budget"]): r for r in rows if r["method"] == "ceiling"}
     for row in rows:
         row["throughput_ratio"] = row["output_tok_s"] / stock_row["output_tok_s"]
         row["needle_delta_points"] = 100 * (row["needle_score"] - stock_row["needle_score"])
+        ceiling = ceilings.get((row["kv_cache_dtype"], row["budget"]))
+        compressed = row["method"] not in ("stock", "ceiling")
+        row["efficiency"] = row["output_tok_s"] / ceiling["output_tok_s"] if ceiling and compressed else None
     return rows
 
 
+def ceiling_blocks(lengths: list[int], running: int, block_size: int) -> int:
+    """Stock blocks that hold the ``running`` longest requests at their full length, plus
+    vLLM's null block: the pool stock vLLM needs for the concurrency compression reached."""
+    needs = sorted((-(-n // block_size) for n in lengths), reverse=True)
+    return sum(needs[: max(1, running)]) + 1
+
+
 def run_dtype(
-    args: argparse.Namespace, model: str, prompts: list, kv_dtype: str, window_memory: float
+    args: argparse.Namespace, model: str, workload: object, kv_dtype: str, window_memory: float
 ) -> list[dict]:
-    """Stock and every method (each budget) on one KV cache dtype, all in the same bytes."""
+    """Stock and every method (each budget) on one KV cache dtype, all in the same bytes; then,
+    per budget, the ceiling: stock on a pool that holds the concurrency the method reached."""
     suffix = "" if kv_dtype == "auto" else f" {kv_dtype}"
     rows = []
     with ServerProcess(server_args(args, kv_dtype), model=model) as stock:
-        measure(stock, prompts[:2], args, f"warm-up stock{suffix}", None)
-        row = measure(stock, prompts, args, f"stock{suffix}", None)
+        workload.measure(stock, f"warm-up stock{suffix}", None, warm_up=True)
+        row = workload.measure(stock, f"stock{suffix}", None)
         rows.append({"method": "stock", "budget": 1.0, "kv_cache_dtype": kv_dtype, **row})
     for method in args.methods:
         settings = json.dumps(
@@ -203,28 +324,76 @@ def run_dtype(
         )
         extra = ["--kv-compression", method, "--kv-compression-config", settings]
         with ServerProcess(server_args(args, kv_dtype) + extra, model=model) as server:
-            measure(server, prompts[:2], args, f"warm-up {method}{suffix}", None)
+            workload.measure(server, f"warm-up {method}{suffix}", None, warm_up=True)
             for budget in args.budgets:
-                row = measure(server, prompts, args, f"{method}{suffix}@{budget:g}", {"kv_budget": budget})
+                row = workload.measure(server, f"{method}{suffix}@{budget:g}", {"kv_budget": budget})
                 rows.append({"method": method, "budget": budget, "kv_cache_dtype": kv_dtype, **row})
+    if args.ceiling:
+        rows += run_ceilings(args, model, workload, kv_dtype, rows)
     return rows
+
+
+def run_ceilings(
+    args: argparse.Namespace, model: str, workload: object, kv_dtype: str, rows: list[dict]
+) -> list[dict]:
+    """One stock server per distinct ceiling pool; a row per budget of the first method."""
+    suffix = "" if kv_dtype == "auto" else f" {kv_dtype}"
+    first = [r for r in rows if r["method"] == args.methods[0]]
+    by_blocks: dict[int, list[dict]] = {}
+    for r in first:
+        blocks = ceiling_blocks(workload.lengths, r["peak_running"], args.block_size)
+        by_blocks.setdefault(blocks, []).append(r)
+    out = []
+    for blocks, compressed in sorted(by_blocks.items()):
+        with ServerProcess(server_args(args, kv_dtype, blocks), model=model) as server:
+            workload.measure(server, f"warm-up ceiling{suffix}", None, warm_up=True)
+            label = f"ceiling{suffix} ({blocks} blocks)"
+            row = workload.measure(server, label, None)
+        for r in compressed:
+            out.append({"method": "ceiling", "budget": r["budget"], "kv_cache_dtype": kv_dtype, **row})
+    return out
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| run | pool blocks | beside pool MiB | votes MiB | out tok/s | x stock | req/s | TTFT p50/p99 s |"
-        " TPOT p50/p99 ms | preempt | peak running | blocks freed | needle |"
+        "| run | pool blocks | beside pool MiB | votes MiB | out tok/s | x stock | x ceiling | req/s |"
+        " TTFT p50/p99 s | TPOT p50/p99 ms | preempt | peak running | blocks freed | needle |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     mib = 2**20
+    seen = set()
     for r in rows:
+        if r["method"] == "ceiling":  # one line per ceiling server, whatever budgets share it
+            if (r["label"], r["kv_cache_dtype"]) in seen:
+                continue
+            seen.add((r["label"], r["kv_cache_dtype"]))
+        efficiency = f"{r['efficiency']:.2f}" if r.get("efficiency") is not None else ""
+        needle = "" if r["needle_score"] != r["needle_score"] else f"{100 * r['needle_score']:.0f}%"
         lines.append(
             f"| {r['label']} | {r['pool_blocks']} | {r['side_bytes'] / mib:.1f} | "
             f"{r['vote_bytes'] / mib:.1f} | "
-            f"{r['output_tok_s']:.1f} | {r['throughput_ratio']:.2f} | {r['req_s']:.3f} | "
+            f"{r['output_tok_s']:.1f} | {r['throughput_ratio']:.2f} | {efficiency} | {r['req_s']:.3f} | "
             f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | {1e3 * r['tpot_p50_s']:.0f} / "
             f"{1e3 * r['tpot_p99_s']:.0f} | {r['preemptions']:.0f} | {r['peak_running']} | "
-            f"{r['blocks_freed']} | {100 * r['needle_score']:.0f}% |"
+            f"{r['blocks_freed']} | {needle} |"
+        )
+    return "\n".join(lines)
+
+
+def costs(rows: list[dict]) -> str:
+    """Where a compressed run's extra time goes: compaction (per compression, next to the
+    step it stalls) and the vote-weighted rows."""
+    lines = [
+        "| run | wall s | compressions | compaction s | per compression ms | TPOT p50 ms | vote rows s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if not r["compressions"]:
+            continue
+        lines.append(
+            f"| {r['label']} | {r['wall_s']:.1f} | {r['compressions']} | {r['compaction_s']:.1f} | "
+            f"{1e3 * r['compaction_s'] / r['compressions']:.0f} | {1e3 * r['tpot_p50_s']:.0f} | "
+            f"{r['vote_attention_s']:.1f} ({100 * r['vote_attention_s'] / r['wall_s']:.0f} %) |"
         )
     return "\n".join(lines)
 
@@ -264,6 +433,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     stock = rows[0]
     for method, kv_dtype in sorted({(r["method"], r["kv_cache_dtype"]) for r in rows if r["budget"] < 1}):
+        if method == "ceiling":
+            continue
         pts = sorted(
             ((r["budget"], r["label"]), r)
             for r in rows
@@ -273,6 +444,10 @@ def plot(rows: list[dict], path: Path) -> None:
         label = method if kv_dtype == "auto" else f"{method} {kv_dtype}"
         a.plot(xs, [r["throughput_ratio"] for _, r in pts], "o-", label=label)
         b.plot(xs, [100 * r["needle_score"] for _, r in pts], "o-", label=label)
+        ceiling = sorted((r["budget"], r["throughput_ratio"]) for r in rows if r["method"] == "ceiling")
+        if ceiling and kv_dtype == "auto":
+            xs, ys = [100 * x for x, _ in ceiling], [y for _, y in ceiling]
+            a.plot(xs, ys, "k^--", label="ceiling: stock on a pool for that concurrency")
     for r in rows[1:]:
         if r["budget"] >= 1:  # stock on another KV dtype
             a.axhline(r["throughput_ratio"], color="black", ls=":", label=r["label"])
@@ -289,6 +464,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["micro"]:  # per-layer costs, no server (bench/step.py)
+        from keepkv_vllm.bench import step
+
+        return step.main(argv[1:])
     p = argparse.ArgumentParser(prog="keepkv-bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M)")
     p.add_argument("--methods", nargs="+", default=["keepkv"])
@@ -299,6 +481,19 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=None,
         help="window_memory of the compressed servers (default: a window row for every concurrent request)",
+    )
+    p.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="needle",
+        help="needle: needle prompts of one length (openai client); chat: heavy-tailed prompt and "
+        "output lengths through `vllm bench serve`",
+    )
+    p.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run stock vLLM on a pool that holds the concurrency each budget reached",
     )
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=1535)
@@ -313,7 +508,9 @@ def main(argv: list[str] | None = None) -> None:
         help="KV memory, in stock blocks' bytes; every server gets the same bytes",
     )
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--kv-bytes-per-token", type=int, default=SMOLLM2_KV_BYTES_PER_TOKEN)
+    p.add_argument(
+        "--kv-bytes-per-token", type=int, default=None, help="default: from the model's config and --dtype"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument(
         "--kv-cache-dtypes",
@@ -336,13 +533,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     args = p.parse_args(argv)
     if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
-        args.max_model_len = args.prompt_tokens + args.output_tokens + args.block_size
-    rows = run(args)
+        longest = MIX.longest if args.workload == "chat" else args.prompt_tokens + args.output_tokens
+        args.max_model_len = longest + args.block_size
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = run(args)
     (args.out / "bench.json").write_text(
         json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
     )
-    md = table(rows)
+    md = table(rows) + "\n\n" + costs(rows)
     if len(args.kv_cache_dtypes) > 1:
         md += "\n\n" + stacking(rows, min(args.num_prompts, args.concurrency))
     (args.out / "bench.md").write_text(md + "\n")
