@@ -75,6 +75,7 @@ class KeepKVScheduler(Scheduler):
         self._pool = self.kv_cache_manager.block_pool
         self._block_size = self._blocks.block_size
         self._total_blocks = self._pool.num_gpu_blocks - 1  # minus vLLM's null block
+        self._min_blocks = cdiv(self.kvc.min_budget_tokens, self._block_size)  # kept by any compression
         self._stock_allocate = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._allocate_slots
         self.kv_offset: dict[str, int] = {}
@@ -123,9 +124,11 @@ class KeepKVScheduler(Scheduler):
                 self._compress(request)
             return
         low = self.kvc.watermark * self._total_blocks
-        while self._pool.get_num_free_blocks() < low:
-            request = next(self._candidates(), None)
-            if request is None or not self._compress(request):
+        if self._pool.get_num_free_blocks() >= low:
+            return
+        # one ranking per step: compressing a request changes no other request's reclaim
+        for request in self._candidates():
+            if self._compress(request) and self._pool.get_num_free_blocks() >= low:
                 return
 
     # -- allocation -----------------------------------------------------------------
@@ -136,7 +139,10 @@ class KeepKVScheduler(Scheduler):
         if not running and not self._admits(request):
             self.counters.admissions_deferred += 1
             return None  # vLLM stops admitting for this step, as when the pool is full
-        blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
+        if request.request_id in self.kv_offset:
+            blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
+        else:  # the common case, every request every step: vLLM's own allocation, nothing more
+            blocks = self._stock_allocate(request, num_new_tokens, *args, **kwargs)
         if blocks is None:
             for victim in list(self._candidates()):
                 if not self._compress(victim):
@@ -149,9 +155,9 @@ class KeepKVScheduler(Scheduler):
                         self.counters.admissions_enabled += 1
                     break
         if blocks is not None:
-            self.counters.blocks_allocated += sum(len(group) for group in blocks.blocks)
-            lookahead = kwargs.get("num_lookahead_tokens", 0) or 0
-            self._step_tokens[request.request_id] = num_new_tokens + int(lookahead)
+            self.counters.blocks_allocated += len(blocks.blocks[0])  # one KV cache group (checked at init)
+            lookahead = int(kwargs.get("num_lookahead_tokens") or 0)
+            self._step_tokens[request.request_id] = num_new_tokens + lookahead
             if request.request_id not in self.window_rows.row_of:
                 self._assign_window(request, *args, **kwargs)
         return blocks
@@ -253,23 +259,24 @@ class KeepKVScheduler(Scheduler):
         return self.kvc.target_tokens(num_tokens, options.budget)
 
     def _reclaimable(self, request: Request) -> int:
-        """Blocks a compression of this request would return now (0: not eligible)."""
-        if request.status != RequestStatus.RUNNING or request.request_id in self._orders:
+        """Blocks a compression of this request would return now (0: not eligible).
+
+        Runs for every running request on every step under pressure: cheapest checks first."""
+        req_id, computed = request.request_id, request.num_computed_tokens
+        if request.status != RequestStatus.RUNNING or req_id in self._orders:
             return 0
-        if request.num_computed_tokens < request.num_prompt_tokens:
+        if computed < request.num_prompt_tokens:
             return 0  # still in prefill: its queries are not all seen
-        window_from = self._window_from.get(request.request_id)
-        if window_from is None or request.num_computed_tokens - window_from < self.kvc.window:
+        window_from = self._window_from.get(req_id)
+        if window_from is None or computed - window_from < self.kvc.window:
             return 0  # no window row, or fewer than W queries recorded in it
+        held = len(self._blocks.req_to_blocks.get(req_id, ()))
+        if held <= self._min_blocks:
+            return 0  # every compression keeps at least this many blocks
         target = self._target(request)
-        if target is None:
+        if target is None or computed - self.kv_offset.get(req_id, 0) <= target:
             return 0
-        held = len(self._blocks.req_to_blocks.get(request.request_id, ()))
-        keep = cdiv(target + self._step_tokens.get(request.request_id, 0), self._block_size)
-        kv_len = request.num_computed_tokens - self.kv_offset.get(request.request_id, 0)
-        if kv_len <= target:
-            return 0
-        return max(held - keep, 0)
+        return max(held - cdiv(target + self._step_tokens.get(req_id, 0), self._block_size), 0)
 
     def _candidates(self) -> Iterator[Request]:
         ranked = sorted(((self._reclaimable(r), r) for r in self.running), key=lambda x: -x[0])
