@@ -16,6 +16,7 @@ freed, needle score, and where compression's time went. Writes JSON, markdown an
     keepkv-bench --num-prompts 16 --prompt-tokens 1535 --output-tokens 128 --kv-blocks 38
     keepkv-bench --workload chat --num-prompts 48 --concurrency 16 --kv-blocks 24
     keepkv-bench micro      # per-layer costs: voted vs stock decode, compaction (bench/step.py)
+    keepkv-bench scheduler  # the compression decision per step, 256 requests (bench/scheduler_overhead.py)
 
 ``--kv-cache-dtypes auto fp8`` repeats stock and every method on an fp8 KV cache in the same
 bytes (vLLM sizes the fp8 pool from them: about four times the tokens of an fp32 model's).
@@ -471,6 +472,10 @@ def main(argv: list[str] | None = None) -> None:
         from keepkv_vllm.bench import step
 
         return step.main(argv[1:])
+    if argv[:1] == ["scheduler"]:  # the compression decision per step, no engine
+        from keepkv_vllm.bench import scheduler_overhead
+
+        return scheduler_overhead.main(argv[1:])
     p = argparse.ArgumentParser(prog="keepkv-bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M)")
     p.add_argument("--methods", nargs="+", default=["keepkv"])
