@@ -5,9 +5,9 @@ op, the layout its kernels read) with SmolLM2-135M's attention shape:
 
 - **voted decode vs stock decode at equal KV length**: R requests of L slots each, one query
   token. Stock: vLLM's ``cpu_attention_with_kv_cache`` over the R x L slots. Voted: what the
-  engine runs for requests whose slots carry votes: the stock kernel with those rows cut to
-  their own token (the metadata builder's change), the vote-weighted rows (the native kernel,
-  and the torch path it replaced), and the write into the output rows.
+  engine runs when those requests' slots carry votes: the vote-weighted rows (the native
+  kernel, or the torch path it replaced) and their write into the output rows (the backend
+  skips the stock kernel when every row of the step is a voted decode).
 - **compaction**: one order compressing a request of L slots to a budget over every layer
   (``compact_request``), per layer and in total.
 
@@ -111,7 +111,7 @@ def decode_step(shape: Shape, requests: int, slots: int, dtype: torch.dtype, rep
         )
 
     full = torch.full((requests,), slots, dtype=torch.int32)
-    stock, own_token = stock_kernel(full), stock_kernel(torch.ones(requests, dtype=torch.int32))
+    stock = stock_kernel(full)
     valid = torch.arange(per_request * bs)[None, :] < full[:, None].long()
     batch = VotedDecodeBatch(torch.arange(requests), block_table.long(), valid, full)
     impl = SimpleNamespace(num_heads=shape.heads, scale=scale)
@@ -119,7 +119,6 @@ def decode_step(shape: Shape, requests: int, slots: int, dtype: torch.dtype, rep
 
     def voted(native: bool) -> None:
         paged.vote_kernel = kernel if native else None
-        own_token()
         output[batch.token_index] = VoteCPUAttentionImpl._batched_decode(impl, query, paged, batch).to(dtype)
 
     row = {

@@ -6,11 +6,13 @@ It is vLLM's CPU backend plus:
 - with a method that writes votes, every fresh token written to the cache gets vote 1
   (blocks that held merged slots are reused);
 - each compressible request's newest W queries are kept (the observation window);
-- for requests whose slots carry votes != 1, attention is computed in torch as
+- for requests whose slots carry votes != 1, attention is computed as
   softmax(q.k * scale + log p) over the request's paged slots, into the stock kernel's rows
-  (it cannot add a per-slot bias). The stock kernel still runs for the whole batch, but its
-  metadata gives those rows only their own new tokens to read (``VoteCPUAttentionMetadataBuilder``),
-  so their KV is read once, by the vote path; nothing changes while no such request exists.
+  (it cannot add a per-slot bias): decode rows by the native kernel (kernels/
+  cpu_vote_attention.cpp), which reads the packed pages in place as the stock kernel does,
+  else in torch. The stock kernel still runs for the other rows of the batch, with those rows
+  cut to their own new tokens (``VoteCPUAttentionMetadataBuilder``), and not at all when every
+  row is a voted decode; nothing changes while no such request exists.
 Registered over CPU_ATTN by the keepkv worker only, so ``--kv-compression none`` never
 loads it.
 """
@@ -78,20 +80,21 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         state = worker_state.current()
-        out = super().forward(
-            layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
-        )
+        stock = (layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
         if state is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
-            return out
+            return super().forward(*stock)
         n = attn_metadata.num_actual_tokens
+        step = state.step_for(n)
+        decode = step.voted_decode if step is not None else None
+        if decode is None or decode.token_index.numel() < n:  # rows the stock kernel must compute
+            super().forward(*stock)
         q = query[:n].view(n, self.num_heads, self.head_size)
         record_window(state, layer.layer_name, q, n)
-        step = state.step_for(n)
         if step is not None and step.voted:
             start = time.perf_counter()
             self._vote_rows(state.layers[layer.layer_name], q, output[:n].view(n, self.num_heads, -1), step)
             state.vote_attention_seconds += time.perf_counter() - start
-        return out
+        return output
 
     def _vote_rows(self, paged: CPUPagedKV, q: torch.Tensor, rows: torch.Tensor, step: Any) -> None:
         """Replace the voted requests' rows of the stock kernel's output."""
