@@ -104,12 +104,18 @@ def test_batched_voted_decode_equals_the_per_request_path(native):
     valid = torch.zeros(2, 3 * bs, dtype=torch.bool)
     for i, n in enumerate(lens):
         valid[i, :n] = True
-    batch = VotedDecodeBatch(torch.tensor([0, 1]), block_index, valid, torch.tensor(lens, dtype=torch.int32))
+    # rows 1 and 3 of a 4-row step are the voted decodes; the others stay as they were
+    batch = VotedDecodeBatch(torch.tensor([1, 3]), block_index, valid, torch.tensor(lens, dtype=torch.int32))
     impl = SimpleNamespace(num_heads=h * group, scale=d**-0.5)
-    got = VoteCPUAttentionImpl._batched_decode(impl, q, paged, batch)
+    impl._batched_decode = lambda *a: VoteCPUAttentionImpl._batched_decode(impl, *a)
+    step_q = torch.randn(4, h * group, d)
+    step_q[batch.token_index] = q
+    rows = torch.full((4, h * group, d), 7.0)
+    VoteCPUAttentionImpl._decode_rows(impl, step_q, rows, paged, batch)
+    assert (rows[[0, 2]] == 7.0).all()
     for i, n in enumerate(lens):
         want = paged_vote_attention(q[i : i + 1], paged, block_index[i], n, d**-0.5)[0]
-        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows[batch.token_index[i]], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa, dtype, bs", CASES + [("vec", torch.float32, 32)])
@@ -131,13 +137,21 @@ def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group)
     lens = [n, 1, bs + 1]
     block_index = torch.stack([blocks, torch.tensor([5, 0, 0]), torch.tensor([6, 7, 0])])
     q = torch.randn(3, h * group, d, generator=g)
-    got = kernel(q, block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
+    got = torch.zeros_like(q)
+    kernel(q, got, torch.arange(3), block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
     for i, length in enumerate(lens):
         k, v = paged.gather(block_index[i], 0, length)
         votes = paged.log_votes[block_index[i]].permute(1, 0, 2).reshape(h, -1)[:, :length].double().exp()
         query = q[i].view(h * group, 1, d).double()
         want = vote_attention(query, k.double(), v.double(), votes, scale=d**-0.5)
         torch.testing.assert_close(got[i], want[:, 0].float(), rtol=2e-5, atol=2e-5)
+    # bfloat16 queries and output rows (a bf16 model): read and written in place, rounded as torch rounds
+    q16, rows32 = q.bfloat16(), torch.zeros_like(q)
+    rows16 = torch.zeros(3, h * group, d, dtype=torch.bfloat16)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    kernel(q16, rows16, torch.arange(3), block_index, lens_t, d**-0.5)
+    kernel(q16.float(), rows32, torch.arange(3), block_index, lens_t, d**-0.5)
+    assert torch.equal(rows16, rows32.bfloat16())
 
 
 def slots_of(pages: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
@@ -176,7 +190,8 @@ def test_native_vote_kernel_reads_fp8_bytes_with_the_layer_scales(fmt):
     block_index = torch.tensor([[3, 1], [4, 0]])
     lens = [bs + 7, 5]
     q = torch.randn(2, h * group, d, generator=g)
-    got = kernel(q, block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
+    got = torch.zeros_like(q)
+    kernel(q, got, torch.arange(2), block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
     for i, n in enumerate(lens):
         k, v, votes = (slots_of(x, block_index[i], n) for x in (keys, values, log_votes.double().exp()))
         want = vote_attention(q[i].view(-1, 1, d).double(), k, v, votes, scale=d**-0.5)

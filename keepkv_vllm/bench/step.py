@@ -115,11 +115,12 @@ def decode_step(shape: Shape, requests: int, slots: int, dtype: torch.dtype, rep
     valid = torch.arange(per_request * bs)[None, :] < full[:, None].long()
     batch = VotedDecodeBatch(torch.arange(requests), block_table.long(), valid, full)
     impl = SimpleNamespace(num_heads=shape.heads, scale=scale)
+    impl._batched_decode = lambda *a: VoteCPUAttentionImpl._batched_decode(impl, *a)
     kernel = paged.vote_kernel
 
     def voted(native: bool) -> None:
         paged.vote_kernel = kernel if native else None
-        output[batch.token_index] = VoteCPUAttentionImpl._batched_decode(impl, query, paged, batch).to(dtype)
+        VoteCPUAttentionImpl._decode_rows(impl, query, output, paged, batch)
 
     row = {
         "dtype": str(dtype).removeprefix("torch."),

@@ -98,28 +98,32 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _vote_rows(self, paged: CPUPagedKV, q: torch.Tensor, rows: torch.Tensor, step: Any) -> None:
         """Replace the voted requests' rows of the stock kernel's output."""
-        if step.voted_decode is not None:
-            rows[step.voted_decode.token_index] = self._batched_decode(q, paged, step.voted_decode).to(
-                rows.dtype
-            )
-        batched = step.voted_decode is not None
+        batch = step.voted_decode
+        if batch is not None:
+            self._decode_rows(q, rows, paged, batch)
         for req in step.voted:
-            if batched and req.token_end - req.token_start == 1:
+            if batch is not None and req.token_end - req.token_start == 1:
                 continue  # done above
             rows[req.token_start : req.token_end] = paged_vote_attention(
                 q[req.token_start : req.token_end], paged, req.block_ids, req.seq_len, self.scale
             ).to(rows.dtype)
 
+    def _decode_rows(
+        self, q: torch.Tensor, rows: torch.Tensor, paged: CPUPagedKV, batch: VotedDecodeBatch
+    ) -> None:
+        """rows[i] = softmax(q[i].k * scale + log p) @ V for every voted decode row i at once."""
+        kernel = paged.vote_kernel
+        if kernel is not None and kernel.writes(q, rows):  # KV read once, in place; rows written
+            kernel(q, rows, batch.token_index, batch.block_index, batch.seq_lens, self.scale)
+        else:
+            rows[batch.token_index] = self._batched_decode(q, paged, batch).to(rows.dtype)
+
     def _batched_decode(self, q: torch.Tensor, paged: CPUPagedKV, batch: VotedDecodeBatch) -> torch.Tensor:
-        """softmax(q.k * scale + log p) @ V for all voted decode requests at once: [R, H_q, d]."""
-        query = q[batch.token_index]
-        if paged.vote_kernel is not None:  # the KV read once, in place, as the stock kernel does
-            query = query.float().contiguous()
-            return paged.vote_kernel(query, batch.block_index, batch.seq_lens, self.scale)
+        """The torch path: softmax(q.k * scale + log p) @ V of the voted decode rows: [R, H_q, d]."""
         keys, values = paged.gather_blocks(batch.block_index)
         quant = paged.quant
         return batched_vote_decode(
-            query,
+            q[batch.token_index],
             quant.dequantize(keys, quant.k_scale),
             quant.dequantize(values, quant.v_scale),
             gather_block_votes(paged.log_votes, batch.block_index),

@@ -292,7 +292,8 @@ def _vote_kernel_agrees(
     seq_lens = torch.tensor([block_size + 3, 1, 2 * block_size], dtype=torch.int32)
     query = torch.randn(3, heads * group, head_dim, generator=gen)
     scale = head_dim**-0.5
-    got = kernel(query, block_index, seq_lens, scale)
+    got = torch.zeros_like(query)
+    kernel(query, got, torch.arange(3), block_index, seq_lens, scale)
     keys, values = paged.gather_blocks(block_index)
     valid = torch.arange(2 * block_size)[None, :] < seq_lens[:, None].long()
     want = batched_vote_decode(

@@ -26,17 +26,23 @@ struct VoteDecodeArgs {
   int64_t num_reqs, num_kv_heads, group, head_dim, block_size, max_blocks;
   int64_t block_stride, head_stride, key_start, value_start, k_t, k_c, v_t, v_c;
   int64_t vote_block_stride, vote_head_stride;
-  int32_t kv_kind;    // 0 float32, 1 bfloat16, 2 float16, 3 one byte through `lut` (fp8)
-  int32_t vote_kind;  // 0 float32, 1 float16
-  float scale;        // softmax scale times the key scale
+  // the step's query and output rows: token row_index[r] of request r, each row
+  // [num_kv_heads, group, head_dim] contiguous, rows `row_stride` elements apart
+  int64_t query_row_stride, out_row_stride;
+  int32_t kv_kind;     // 0 float32, 1 bfloat16, 2 float16, 3 one byte through `lut` (fp8)
+  int32_t vote_kind;   // 0 float32, 1 float16
+  int32_t query_kind;  // 0 float32, 1 bfloat16, 2 float16
+  int32_t out_kind;    // 0 float32, 1 bfloat16
+  float scale;         // softmax scale times the key scale
   float v_scale;
   const void* cache;
   const void* votes;
-  const float* lut;           // 256 floats: what each fp8 byte means (kv_kind 3)
-  const float* query;         // [num_reqs, num_kv_heads, group, head_dim]
-  const int64_t* block_table; // [num_reqs, max_blocks]
-  const int32_t* seq_lens;    // [num_reqs]
-  float* out;                 // [num_reqs, num_kv_heads, group, head_dim]
+  const float* lut;            // 256 floats: what each fp8 byte means (kv_kind 3)
+  const void* query;           // the step's queries
+  const int64_t* row_index;    // [num_reqs]
+  const int64_t* block_table;  // [num_reqs, max_blocks]
+  const int32_t* seq_lens;     // [num_reqs]
+  void* out;                   // the step's attention output
 };
 
 }  // extern "C"
@@ -87,6 +93,22 @@ struct Byte {
   using T = uint8_t;
   static float get(const T* p, int64_t i, const float* lut) { return lut[p[i]]; }
 };
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch converts
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float query_at(const VoteDecodeArgs& a, const void* row, int64_t i) {
+  switch (a.query_kind) {
+    case 0: return static_cast<const float*>(row)[i];
+    case 1: return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
+    default: return f16_to_float(static_cast<const uint16_t*>(row)[i]);
+  }
+}
 
 float vote_at(const VoteDecodeArgs& a, const void* base, int64_t t) {
   return a.vote_kind == 0 ? static_cast<const float*>(base)[t]
@@ -164,8 +186,10 @@ void decode_one(const VoteDecodeArgs& a, int64_t r, int64_t h, float* q, float* 
                 float* l) {
   const int64_t G = a.group, d = a.head_dim, bs = a.block_size;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const float* q_in = a.query + (r * a.num_kv_heads + h) * G * d;
-  for (int64_t i = 0; i < G * d; ++i) q[i] = q_in[i] * a.scale;
+  const int64_t row = a.row_index[r], first = h * G * d;
+  const int64_t q_size = a.query_kind == 0 ? 4 : 2;
+  const void* q_in = static_cast<const char*>(a.query) + (row * a.query_row_stride + first) * q_size;
+  for (int64_t i = 0; i < G * d; ++i) q[i] = query_at(a, q_in, i) * a.scale;
   std::fill(acc, acc + G * d, 0.0f);
   std::fill(m, m + G, neg_inf);
   std::fill(l, l + G, 0.0f);
@@ -204,17 +228,27 @@ void decode_one(const VoteDecodeArgs& a, int64_t r, int64_t h, float* q, float* 
     }
     block_values<E>(a, region + a.value_start, s, acc, n);
   }
-  float* o = a.out + (r * a.num_kv_heads + h) * G * d;
   for (int64_t g = 0; g < G; ++g) {
     const float norm = l[g] > 0.0f ? a.v_scale / l[g] : 0.0f;
-    for (int64_t c = 0; c < d; ++c) o[g * d + c] = acc[g * d + c] * norm;
+    for (int64_t c = 0; c < d; ++c) acc[g * d + c] *= norm;
+  }
+  const int64_t at = row * a.out_row_stride + first;
+  if (a.out_kind == 0) {
+    std::memcpy(static_cast<float*>(a.out) + at, acc, G * d * sizeof(float));
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(a.out) + at;
+    for (int64_t i = 0; i < G * d; ++i) o[i] = float_to_bf16(acc[i]);
   }
 }
 
 template <class E>
 void decode_all(const VoteDecodeArgs& a) {
   const int64_t tasks = a.num_reqs * a.num_kv_heads;
-#pragma omp parallel
+  int64_t slots = 0;
+  for (int64_t r = 0; r < a.num_reqs; ++r) slots += a.seq_lens[r];
+  // a fork and join costs more than a few thousand slots of work: small steps stay on this thread
+  const bool parallel = tasks > 1 && slots * a.num_kv_heads > 2048;
+#pragma omp parallel if (parallel)
   {
     // per-thread workspace: scaled queries, logits/probabilities of one block, accumulators
     std::vector<float> work(a.group * (a.head_dim * 2 + a.block_size + 2));
@@ -233,6 +267,7 @@ void decode_all(const VoteDecodeArgs& a) {
 
 extern "C" int keepkv_vote_decode(const VoteDecodeArgs* a) {
   if (a->vote_kind != 0 && a->vote_kind != 1) return 2;
+  if (a->query_kind < 0 || a->query_kind > 2 || a->out_kind < 0 || a->out_kind > 1) return 3;
   switch (a->kv_kind) {
     case 0: decode_all<F32>(*a); return 0;
     case 1: decode_all<BF16>(*a); return 0;

@@ -33,6 +33,8 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
 _VOTE_KINDS = {torch.float32: 0, torch.float16: 1}
+_QUERY_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1}  #: output rows it writes itself
 
 
 class VoteDecodeArgs(ctypes.Structure):
@@ -55,16 +57,21 @@ class VoteDecodeArgs(ctypes.Structure):
             "v_c",
             "vote_block_stride",
             "vote_head_stride",
+            "query_row_stride",
+            "out_row_stride",
         )
     ] + [
         ("kv_kind", ctypes.c_int32),
         ("vote_kind", ctypes.c_int32),
+        ("query_kind", ctypes.c_int32),
+        ("out_kind", ctypes.c_int32),
         ("scale", ctypes.c_float),
         ("v_scale", ctypes.c_float),
         ("cache", ctypes.c_void_p),
         ("votes", ctypes.c_void_p),
         ("lut", ctypes.c_void_p),
         ("query", ctypes.c_void_p),
+        ("row_index", ctypes.c_void_p),
         ("block_table", ctypes.c_void_p),
         ("seq_lens", ctypes.c_void_p),
         ("out", ctypes.c_void_p),
@@ -209,25 +216,37 @@ class VoteDecodeKernel:
         self._num_kv_heads = h_kv
 
     def __call__(
-        self, query: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """softmax(q.k * scale + log p) @ V of one query per request over its paged slots.
+        self,
+        query: torch.Tensor,
+        out: torch.Tensor,
+        row_index: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """out[row_index[r]] = softmax(q.k * scale + log p) @ V for q = query[row_index[r]], one
+        query token per request r over its paged slots, written in place.
 
-        query [R, H_q, d] float32, contiguous; block_table [R, n] int64 and seq_lens [R] int32,
-        contiguous (slots per request, at most ``n * block_size``). Returns float32 [R, H_q, d].
+        query and out [num_tokens, H_q, d], rows contiguous (query float32/bfloat16/float16, out
+        float32/bfloat16: ``writes``); row_index [R] and block_table [R, n] int64, seq_lens [R]
+        int32, contiguous (slots per request, at most ``n * block_size``). No tensor is made:
+        the call is one C function, per layer and step.
         """
-        out = torch.empty_like(query)
         a = self._args
-        a.num_reqs, a.max_blocks = query.shape[0], block_table.shape[1]
+        a.num_reqs, a.max_blocks = row_index.shape[0], block_table.shape[1]
         a.group = query.shape[1] // self._num_kv_heads
         a.scale = scale * self._k_scale
-        a.query, a.block_table, a.seq_lens, a.out = (
-            query.data_ptr(),
-            block_table.data_ptr(),
-            seq_lens.data_ptr(),
-            out.data_ptr(),
-        )
+        a.query_kind, a.out_kind = _QUERY_KINDS[query.dtype], _OUT_KINDS[out.dtype]
+        a.query_row_stride, a.out_row_stride = query.stride(0), out.stride(0)
+        a.query, a.out = query.data_ptr(), out.data_ptr()
+        a.row_index, a.block_table = row_index.data_ptr(), block_table.data_ptr()
+        a.seq_lens = seq_lens.data_ptr()
         status = self._lib.keepkv_vote_decode(ctypes.byref(a))
         if status:
             raise ValueError(f"CPU vote kernel refused its arguments (status {status})")
-        return out
+
+    @staticmethod
+    def writes(query: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether the kernel reads these queries and writes these output rows in place."""
+        rows_contiguous = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (query, out))
+        return query.dtype in _QUERY_KINDS and out.dtype in _OUT_KINDS and rows_contiguous
