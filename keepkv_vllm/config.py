@@ -15,7 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHOD_NAMES = ("none", "keepkv", "kvmerger", "cam", "h2o", "snapkv", "streamingllm")
+from keepkv_vllm.methods import METHODS, get_method
+
+#: every value ``--kv-compression`` takes: "none" (stock vLLM) and the registered methods
+METHOD_NAMES = ("none", *sorted(METHODS))
 
 #: key of the settings inside vLLM's ``additional_config``
 ADDITIONAL_CONFIG_KEY = "kv_compression"
@@ -51,7 +54,7 @@ class KVCompressionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["none", "keepkv", "kvmerger", "cam", "h2o", "snapkv", "streamingllm"] = "none"
+    method: str = Field(default="none", description="none (stock vLLM) or a registered method")
     budget: float | int = Field(
         default=0.3,
         description="slots kept per head after a compression: a fraction of the request's tokens "
@@ -77,6 +80,13 @@ class KVCompressionConfig(BaseModel):
     )
     method_options: dict[str, Any] = Field(default_factory=dict, description="method-specific knobs")
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> str:
+        if not isinstance(v, str) or v not in METHOD_NAMES:
+            raise ValueError(f"must be one of {list(METHOD_NAMES)}, got {shown(v)}")
+        return v
+
     @field_validator("budget", mode="before")
     @classmethod
     def _budget(cls, v: Any) -> float | int:
@@ -91,8 +101,6 @@ class KVCompressionConfig(BaseModel):
             )
         if self.method != "none":
             # Build the method once so bad method_options fail at startup, not mid-serving.
-            from keepkv_vllm.methods import get_method
-
             get_method(self.method, **self.method_kwargs())
         elif self.method_options:
             raise ValueError("method_options given but method is 'none'")
@@ -137,8 +145,6 @@ class RequestOptions(BaseModel):
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, v: Any) -> str | None:
-        from keepkv_vllm.methods import METHODS
-
         if v is None:
             return None
         if not isinstance(v, str) or v not in METHODS:

@@ -8,14 +8,20 @@ import pytest
 import torch
 from conftest import make_inputs
 
-from keepkv_vllm.methods import METHODS, get_method
+from keepkv_vllm.methods import METHODS, KVCompressionMethod, get_method
 
 ALL = sorted(METHODS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
-def test_all_six_methods_registered():
-    assert set(ALL) == {"keepkv", "kvmerger", "cam", "h2o", "snapkv", "streamingllm"}
+def test_method_names_come_from_the_registry_alone():
+    from keepkv_vllm.config import METHOD_NAMES, parse_config
+    from keepkv_vllm.eval.harness import METHODS as EVALUATED
+
+    assert {"keepkv", "kvmerger", "cam", "h2o", "snapkv", "streamingllm"} <= set(ALL)
+    assert METHOD_NAMES == ("none", *ALL) and EVALUATED == METHOD_NAMES
+    for name in ALL:  # the settings, the CLI's choices and keepkv-eval take every registered name
+        assert parse_config({"method": name}).method == name
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -109,7 +115,7 @@ def test_unmerged_survivors_are_copies(name):
     res = get_method(name).compress(keys, values, vts, queries, 30)
     src_k = keys.gather(1, res.kept_index.unsqueeze(-1).expand(-1, -1, 16))
     same = (res.keys == src_k).all(dim=-1)
-    if not get_method(name).merges:
+    if type(get_method(name)).merge is KVCompressionMethod.merge:  # eviction only
         assert same.all()
     # the number of changed survivors can't exceed the number of merged slots
     assert ((~same).sum(dim=1) <= res.num_merged).all()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keepkv_vllm.attention.reference import vote_attention
-from keepkv_vllm.methods import get_method
+from keepkv_vllm.methods import CaM, KVCompressionMethod, KVMerger, get_method
 
 # -- KeepKV ---------------------------------------------------------------------------
 
@@ -148,15 +148,23 @@ def test_attention_scored_methods_keep_a_planted_needle(name):
         assert 77 in res.kept_index[h].tolist(), name
 
 
-def test_h2o_uses_and_carries_accumulated_scores():
+def with_priority(cls: type, scores: torch.Tensor) -> type:
+    """``cls`` ranking slots by fixed ``scores`` (the template's one step a method must write)."""
+    return type(f"Fixed{cls.__name__}", (cls,), {"priority": lambda self, *args: scores})
+
+
+def test_a_method_that_writes_only_a_priority_keeps_sinks_recent_and_its_top_slots():
     keys, values, vts, queries = make_inputs(t=60, window=4)
     scores = torch.zeros(2, 60)
-    scores[:, 10:20] = 5.0  # heavy hitters by history, whatever the window says
-    res = get_method("h2o", sink=2, recent=4).compress(keys, values, vts, queries, 16, scores=scores)
+    scores[:, 10:20] = 5.0  # heavy hitters by this ranking, whatever the window says
+    res = with_priority(KVCompressionMethod, scores)(sink=2, recent=4).compress(
+        keys, values, vts, queries, 16
+    )
     assert torch.equal(
         res.kept_index, torch.cat([torch.arange(2), torch.arange(10, 20), torch.arange(56, 60)]).expand(2, -1)
     )
-    assert torch.equal(res.scores, scores.gather(1, res.kept_index))
+    assert torch.equal(res.keys, keys.gather(1, res.kept_index.unsqueeze(-1).expand(-1, -1, 16)))
+    assert (res.num_merged == 0).all() and (res.num_dropped == 60 - 16).all()
 
 
 def test_snapkv_pooling_keeps_the_neighbours_of_a_hit():
@@ -183,8 +191,8 @@ def test_cam_gate_is_relative_attention_clamped():
     scores = torch.ones(1, 40, dtype=torch.float64)
     scores[0, 2:30] = torch.linspace(0.5, 0.9, 28, dtype=torch.float64)  # all middle < targets
     scores[0, 30:34] = 1.0
-    cam = get_method("cam", merge_window=4, sink=2, recent=6)
-    res = cam.compress(keys, values, vts, queries, 12, scores=scores)  # heavy = 30..33
+    cam = with_priority(CaM, scores)(merge_window=4, sink=2, recent=6)
+    res = cam.compress(keys, values, vts, queries, 12)  # heavy = 30..33
     assert torch.equal(res.kept_index[0], torch.tensor([0, 1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39]))
     prob = (scores[0, 2:30] / 1.0).clamp(0, 1)
     expected = values[0, 30:34] + (values[0, 2:30] * prob[:, None]).sum(0) / 4
@@ -197,10 +205,12 @@ def test_kvmerger_merges_consecutive_similar_runs_with_gaussian_weights():
     keys[0, 20:26] = direction + 0.01 * torch.randn(
         6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
-    m = get_method("kvmerger", similarity_threshold=0.99, heavy_fraction=0.0, sink=2, recent=2, sigma=0.05)
     scores = torch.ones(1, 60, dtype=torch.float64)
     scores[0, 23] = 9.0  # pivot
-    res = m.compress(keys, values, vts, queries, 60 - 5, scores=scores)
+    m = with_priority(KVMerger, scores)(
+        similarity_threshold=0.99, heavy_fraction=0.0, sink=2, recent=2, sigma=0.05
+    )
+    res = m.compress(keys, values, vts, queries, 60 - 5)
     # exactly the run 20..25 collapses into its pivot slot 23; nothing else is touched
     kept = res.kept_index[0].tolist()
     assert 23 in kept and not ({20, 21, 22, 24, 25} & set(kept))

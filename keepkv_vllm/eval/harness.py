@@ -31,9 +31,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from keepkv_vllm.config import METHOD_NAMES
 from keepkv_vllm.eval.tasks import DEFAULT_GRID, QUICK_GRID, TASKS, EvalItem, TaskBuilder
 
-METHODS = ("none", "keepkv", "kvmerger", "cam", "h2o", "snapkv", "streamingllm")
+METHODS = METHOD_NAMES  # "none" (the full cache) first, then every registered method
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.5)
 QUICK_BUDGETS = (0.2, 0.5)
 #: SmolLM2-135M: 30 layers x 3 kv-heads x 64 x (k, v) x fp32

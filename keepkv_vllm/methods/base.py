@@ -15,12 +15,14 @@ No vLLM import here: this package is pure torch so it can be tested and reused a
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from keepkv_vllm.attention.reference import causal_logits, compute_dtype, window_logits
 
@@ -35,7 +37,6 @@ class CompressionResult:
     kept_index: torch.Tensor  # [H_kv, B] int64: source slot of each output slot (ascending)
     num_merged: torch.Tensor  # [H_kv] int64: evicted slots folded into a survivor
     num_dropped: torch.Tensor  # [H_kv] int64: evicted slots discarded outright
-    scores: torch.Tensor | None = None  # [H_kv, B] carried accumulated scores (H2O-style)
 
     @property
     def budget(self) -> int:
@@ -48,8 +49,42 @@ class ProtectedSpan:
     recent: int
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a method's selection decided for one request-layer; ``merge`` starts from it."""
+
+    keys: torch.Tensor  # [H_kv, T, d]
+    values: torch.Tensor  # [H_kv, T, d]
+    votes: torch.Tensor  # [H_kv, T]
+    queries: torch.Tensor  # [H_q, W, d]
+    budget: int
+    span: ProtectedSpan
+    priority: torch.Tensor  # [H_kv, T] the method's ranking
+    kept: torch.Tensor  # [H_kv, K] ascending: sinks, heavy, recent
+    heavy: torch.Tensor  # [H_kv, K - sink - recent] ascending middle picks
+
+    @functools.cached_property
+    def evicted(self) -> torch.Tensor:
+        """[H_kv, T - K] ascending: every slot not kept."""
+        h, t = self.votes.shape
+        return evicted_mask(self.kept, t).nonzero()[:, 1].view(h, t - self.kept.shape[1])
+
+    @property
+    def heavy_positions(self) -> slice:
+        """Where the heavy slots sit in the output (after the sinks)."""
+        return slice(self.span.sink, self.span.sink + self.heavy.shape[1])
+
+    def survivors(self) -> CompressionResult:
+        """Pure eviction: the kept slots, unchanged."""
+        return selection_result(self.keys, self.values, self.votes, self.kept)
+
+
 class KVCompressionMethod(ABC):
     """Compress one request-layer's cache to ``budget`` slots per kv-head.
+
+    A template in three steps: ``priority`` ranks slots (every method writes it), ``select``
+    keeps the sinks, the recent slots and the top-ranked middle ones, ``merge`` folds evicted
+    slots into kept ones (eviction methods keep the default: nothing merged).
 
     Common knobs: ``sink`` first slots always kept (attention sinks); ``recent`` last slots
     always kept — ``None`` means ``max(ceil(recent_fraction * budget), W)`` so the
@@ -57,8 +92,6 @@ class KVCompressionMethod(ABC):
     """
 
     name: ClassVar[str]
-    #: True when the method rewrites keys/values/votes (merging) rather than only selecting.
-    merges: ClassVar[bool] = False
 
     @property
     def writes_votes(self) -> bool:
@@ -87,14 +120,13 @@ class KVCompressionMethod(ABC):
         votes: torch.Tensor,
         queries: torch.Tensor,
         budget: int,
-        scores: torch.Tensor | None = None,
     ) -> CompressionResult:
-        """Validate, short-circuit when under budget, else run the method."""
-        h_kv, t, _ = _validate(keys, values, votes, queries, budget, scores)
+        """Validate, short-circuit when under budget, else select and merge."""
+        _, t, _ = _validate(keys, values, votes, queries, budget)
         if t <= budget:
-            return _identity(keys, values, votes, scores)
+            return _identity(keys, values, votes)
         span = self.protected_span(budget, queries.shape[1])
-        return self._compress(keys, values, votes, queries, budget, span, scores)
+        return self.merge(self.select(keys, values, votes, queries, budget, span))
 
     def protected_span(self, budget: int, window: int) -> ProtectedSpan:
         recent = self.recent
@@ -107,8 +139,14 @@ class KVCompressionMethod(ABC):
             )
         return ProtectedSpan(self.sink, recent)
 
+    # -- the template's steps (called only with T > budget and validated inputs) ---------
     @abstractmethod
-    def _compress(
+    def priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, span: ProtectedSpan
+    ) -> torch.Tensor:
+        """How much each slot is worth keeping: [H_kv, T], higher is kept first."""
+
+    def select(
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
@@ -116,12 +154,25 @@ class KVCompressionMethod(ABC):
         queries: torch.Tensor,
         budget: int,
         span: ProtectedSpan,
-        scores: torch.Tensor | None,
-    ) -> CompressionResult:
-        """Called only with T > budget and validated inputs."""
+    ) -> Selection:
+        """Sinks, recent and the ``budget - sink - recent`` middle slots of highest priority."""
+        priority = self.priority(keys, votes, queries, span)
+        kept, heavy = select_top(priority, budget, span)
+        return Selection(keys, values, votes, queries, budget, span, priority, kept, heavy)
+
+    def merge(self, selection: Selection) -> CompressionResult:
+        """Fold evicted slots into kept ones; by default nothing is merged (eviction)."""
+        return selection.survivors()
 
 
 # -- shared building blocks ------------------------------------------------------------
+
+
+def check_range(name: str, value: object, low: float, high: float) -> float:
+    """A number option in [low, high] (bools refused); else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
 
 
 def check_int(name: str, value: object, minimum: int = 0, odd: bool = False) -> int:
@@ -206,6 +257,16 @@ def select_top(priority: torch.Tensor, budget: int, span: ProtectedSpan) -> tupl
     return kept, heavy
 
 
+def pool_before_recent(priority: torch.Tensor, kernel: int, recent: int) -> torch.Tensor:
+    """Max-pool ``priority`` [H, T] over ``kernel`` neighbouring slots, except the protected
+    recent slots (kept anyway), so a picked slot keeps its neighbours: SnapKV's clustering."""
+    if kernel <= 1:
+        return priority
+    cut = priority.shape[1] - recent
+    pooled = F.max_pool1d(priority[:, :cut].unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
+    return torch.cat([pooled, priority[:, cut:]], dim=1)
+
+
 def gather_slots(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [H, T] or [H, T, d], index [H, B] → [H, B] or [H, B, d]."""
     if x.dim() == 2:
@@ -220,11 +281,7 @@ def evicted_mask(kept: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def selection_result(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    votes: torch.Tensor,
-    kept: torch.Tensor,
-    scores: torch.Tensor | None = None,
+    keys: torch.Tensor, values: torch.Tensor, votes: torch.Tensor, kept: torch.Tensor
 ) -> CompressionResult:
     """Result of a pure eviction: survivors gathered unchanged."""
     h, t = votes.shape
@@ -236,13 +293,10 @@ def selection_result(
         kept_index=kept,
         num_merged=torch.zeros_like(dropped),
         num_dropped=dropped,
-        scores=None if scores is None else gather_slots(scores, kept),
     )
 
 
-def _identity(
-    keys: torch.Tensor, values: torch.Tensor, votes: torch.Tensor, scores: torch.Tensor | None
-) -> CompressionResult:
+def _identity(keys: torch.Tensor, values: torch.Tensor, votes: torch.Tensor) -> CompressionResult:
     h, t = votes.shape
     zeros = torch.zeros(h, dtype=torch.long, device=keys.device)
     return CompressionResult(
@@ -252,7 +306,6 @@ def _identity(
         kept_index=torch.arange(t, device=keys.device).expand(h, -1),
         num_merged=zeros,
         num_dropped=zeros.clone(),
-        scores=scores,
     )
 
 
@@ -274,7 +327,6 @@ def _validate(
     votes: torch.Tensor,
     queries: torch.Tensor,
     budget: int,
-    scores: torch.Tensor | None,
 ) -> tuple[int, int, int]:
     for name, x in (("keys", keys), ("values", values), ("votes", votes), ("queries", queries)):
         if not isinstance(x, torch.Tensor):
@@ -297,8 +349,6 @@ def _validate(
         raise ValueError(f"window W={w} must satisfy 1 <= W <= T={t}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int (slots per head), got {budget!r}")
-    if scores is not None and scores.shape != (h_kv, t):
-        raise ValueError(f"scores must be [H_kv, T] = {(h_kv, t)}, got {tuple(scores.shape)}")
     for name, x in (("keys", keys), ("values", values), ("queries", queries), ("votes", votes)):
         if not all_finite(x):
             raise ValueError(f"{name} contains NaN or inf")

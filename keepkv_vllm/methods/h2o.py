@@ -1,25 +1,15 @@
 """H2O, Heavy-Hitter Oracle (Zhang et al., 2023): keep sinks, recent and heavy hitters.
 
-Heavy hitters are the slots with the largest accumulated attention. When the caller
-tracks accumulated scores (``scores``, [H_kv, T], sum of past attention probabilities)
-they are used and carried to the survivors; otherwise the observation window's
-vote-weighted attention probabilities, summed over the window and the GQA group, stand
-in for the accumulation.
+Heavy hitters are the slots with the largest accumulated attention. The engine keeps the
+observation window's queries, not per-step scores, so the window's vote-weighted attention
+probabilities, summed over the window and the GQA group, stand in for the accumulation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from keepkv_vllm.methods.base import (
-    CompressionResult,
-    KVCompressionMethod,
-    ProtectedSpan,
-    register,
-    select_top,
-    selection_result,
-    window_attention_probs,
-)
+from keepkv_vllm.methods.base import KVCompressionMethod, ProtectedSpan, register, window_attention_probs
 
 
 def accumulated_window_attention(
@@ -33,16 +23,7 @@ def accumulated_window_attention(
 class H2O(KVCompressionMethod):
     name = "h2o"
 
-    def _compress(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        votes: torch.Tensor,
-        queries: torch.Tensor,
-        budget: int,
-        span: ProtectedSpan,
-        scores: torch.Tensor | None,
-    ) -> CompressionResult:
-        priority = scores if scores is not None else accumulated_window_attention(keys, votes, queries)
-        kept, _ = select_top(priority, budget, span)
-        return selection_result(keys, values, votes, kept, scores=scores)
+    def priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, span: ProtectedSpan
+    ) -> torch.Tensor:
+        return accumulated_window_attention(keys, votes, queries)

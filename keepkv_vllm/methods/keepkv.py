@@ -40,15 +40,15 @@ from keepkv_vllm.methods.base import (
     CompressionResult,
     KVCompressionMethod,
     ProtectedSpan,
+    Selection,
     check_int,
+    check_range,
     compute_dtype,
-    evicted_mask,
     gather_slots,
     log_window_mass,
     log_window_probability,
+    pool_before_recent,
     register,
-    select_top,
-    selection_result,
 )
 
 # Cap on the evicted x heavy similarity matrix materialised at once (elements).
@@ -81,7 +81,6 @@ def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
 @register
 class KeepKV(KVCompressionMethod):
     name = "keepkv"
-    merges = True
 
     def __init__(
         self,
@@ -94,102 +93,114 @@ class KeepKV(KVCompressionMethod):
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
-        if not isinstance(similarity_threshold, (int, float)) or not -1.0 <= similarity_threshold <= 1.0:
-            raise ValueError(f"similarity_threshold must be in [-1, 1], got {similarity_threshold!r}")
+        self.similarity_threshold = check_range("similarity_threshold", similarity_threshold, -1.0, 1.0)
         if not isinstance(distance_weight, (int, float)) or not distance_weight > 0:
             raise ValueError(f"distance_weight must be > 0, got {distance_weight!r}")
+        self.distance_weight = float(distance_weight)
         if vote_rule not in ("exact", "count"):
             raise ValueError(f"vote_rule must be 'exact' or 'count', got {vote_rule!r}")
-        self.similarity_threshold = float(similarity_threshold)
-        self.distance_weight = float(distance_weight)
         self.vote_rule = vote_rule
         self.pool_kernel = check_int("pool_kernel", pool_kernel, minimum=1, odd=True)
         if selection not in ("probability", "mass"):
             raise ValueError(f"selection must be 'probability' or 'mass', got {selection!r}")
         self.selection = selection
-        if value_threshold is not None and (
-            not isinstance(value_threshold, (int, float)) or not -1.0 <= value_threshold <= 1.0
-        ):
-            raise ValueError(f"value_threshold must be None or in [-1, 1], got {value_threshold!r}")
-        self.value_threshold = None if value_threshold is None else float(value_threshold)
+        self.value_threshold = (
+            None if value_threshold is None else check_range("value_threshold", value_threshold, -1.0, 1.0)
+        )
 
     @property
     def writes_votes(self) -> bool:
         return True
 
-    def _compress(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        votes: torch.Tensor,
-        queries: torch.Tensor,
-        budget: int,
-        span: ProtectedSpan,
-        scores: torch.Tensor | None,
-    ) -> CompressionResult:
-        h, t, _ = keys.shape
-        dt = compute_dtype(keys.dtype)
-        log_s = log_window_mass(keys, queries, self.distance_weight)
-        log_w = log_s + votes.to(dt).log()  # log(p_j * s_hat_j): the merge weights
+    def priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, span: ProtectedSpan
+    ) -> torch.Tensor:
         if self.selection == "mass":  # the authors' ranking: unnormalised mass
-            priority = log_w
+            ranking = self._log_weights(keys, votes, queries)
         else:  # each window query's vote-weighted attention probabilities, weighted mean
-            priority = log_window_probability(keys, votes, queries, self.distance_weight)
-        if self.pool_kernel > 1:  # keep a hit's neighbours too (multi-token facts), as SnapKV does
-            k, cut = self.pool_kernel, t - span.recent  # the protected recent slots stay out of it
-            pooled = F.max_pool1d(priority[:, :cut].unsqueeze(1), k, stride=1, padding=k // 2).squeeze(1)
-            priority = torch.cat([pooled, priority[:, cut:]], dim=1)
-        kept, heavy = select_top(priority, budget, span)
-        if heavy.shape[1] == 0:
-            return selection_result(keys, values, votes, kept)
-        evicted = evicted_mask(kept, t).nonzero()[:, 1].view(h, t - budget)
+            ranking = log_window_probability(keys, votes, queries, self.distance_weight)
+        # keep a hit's neighbours too (multi-token facts), as SnapKV does
+        return pool_before_recent(ranking, self.pool_kernel, span.recent)
 
-        kf, vf = keys.to(dt), values.to(dt)
-        k_heavy, k_evicted = gather_slots(kf, heavy), gather_slots(kf, evicted)
-        v_heavy, v_evicted = gather_slots(vf, heavy), gather_slots(vf, evicted)
+    def merge(self, selection: Selection) -> CompressionResult:
+        """ZIP-merge every evicted slot into its most similar heavy slot, or drop it."""
+        if selection.heavy.shape[1] == 0:
+            return selection.survivors()
+        dt = compute_dtype(selection.keys.dtype)
+        k_heavy, k_evicted = (
+            gather_slots(selection.keys.to(dt), i) for i in (selection.heavy, selection.evicted)
+        )
+        v_heavy, v_evicted = (
+            gather_slots(selection.values.to(dt), i) for i in (selection.heavy, selection.evicted)
+        )
+        target, merge = self._targets(k_heavy, k_evicted, v_heavy, v_evicted)
+        # weights relative to the head's largest, so exp() cannot overflow; the shift cancels
+        # in the averages and is added back to the exact vote
+        log_w = self._log_weights(selection.keys, selection.votes, selection.queries)
+        shift = log_w.max(dim=1, keepdim=True).values
+        w = (log_w - shift).exp()
+        w_c, w_e = gather_slots(w, selection.heavy), gather_slots(w, selection.evicted) * merge
+        total = w_c.scatter_add(1, target, w_e)
+        k_r = scatter_rows(k_heavy * w_c[..., None], target, k_evicted * w_e[..., None]) / total[..., None]
+        v_r = scatter_rows(v_heavy * w_c[..., None], target, v_evicted * w_e[..., None]) / total[..., None]
+        p_r = self._merged_votes(selection, k_r, total, shift, target, merge)
+        return self._assemble(selection, target, merge, k_r, v_r, p_r)
+
+    def _log_weights(self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """log(p_j * s_hat_j): each slot's vote-weighted mass under the window, the merge weights."""
+        log_s = log_window_mass(keys, queries, self.distance_weight)
+        return log_s + votes.to(compute_dtype(keys.dtype)).log()
+
+    def _targets(
+        self, k_heavy: torch.Tensor, k_evicted: torch.Tensor, v_heavy: torch.Tensor, v_evicted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each evicted slot's heavy slot (nearest key by cosine) and whether it merges there."""
         target, sim = nearest_by_cosine(k_evicted, k_heavy)
         merge = sim >= self.similarity_threshold  # [H, E]
         if self.value_threshold is not None:  # also require similar values (experimental)
             v_sim = F.cosine_similarity(v_evicted, gather_slots(v_heavy, target), dim=-1)
             merge &= v_sim >= self.value_threshold
+        return target, merge
 
-        # Weights relative to the head's largest, so exp() cannot overflow; the shift
-        # cancels in the averages and is added back to the exact vote below.
-        shift = log_w.max(dim=1, keepdim=True).values
-        w = (log_w - shift).exp()
-        w_c = gather_slots(w, heavy)
-        w_e = gather_slots(w, evicted) * merge
-        total = w_c.scatter_add(1, target, w_e)
-        k_r = scatter_rows(k_heavy * w_c[..., None], target, k_evicted * w_e[..., None])
-        v_r = scatter_rows(v_heavy * w_c[..., None], target, v_evicted * w_e[..., None])
-        k_r, v_r = k_r / total[..., None], v_r / total[..., None]
-
-        p_c = gather_slots(votes, heavy).to(dt)
+    def _merged_votes(
+        self,
+        selection: Selection,
+        k_r: torch.Tensor,
+        total: torch.Tensor,
+        shift: torch.Tensor,
+        target: torch.Tensor,
+        merge: torch.Tensor,
+    ) -> torch.Tensor:
+        """Votes of the merged heavy slots: exact (p_r s_r = sum of the parts' mass) or count."""
+        dt = k_r.dtype
+        p_c = gather_slots(selection.votes, selection.heavy).to(dt)
         if self.vote_rule == "count":
-            p_r = p_c.scatter_add(1, target, gather_slots(votes, evicted).to(dt) * merge)
-        else:
-            # heavy slots are older than the window, so every window query sees them
-            log_s_r = log_window_mass(k_r, queries, self.distance_weight, causal=False)
-            p_r = (total.log() + shift - log_s_r).exp()
+            return p_c.scatter_add(1, target, gather_slots(selection.votes, selection.evicted).to(dt) * merge)
+        # heavy slots are older than the window, so every window query sees them
+        log_s_r = log_window_mass(k_r, selection.queries, self.distance_weight, causal=False)
+        return (total.log() + shift - log_s_r).exp()
 
-        # Untouched heavy slots stay bit-identical (no w*k/w round trip).
-        touched = (
-            torch.zeros(h, heavy.shape[1], dtype=torch.long, device=keys.device).scatter_add(
-                1, target, merge.long()
-            )
-            > 0
+    def _assemble(
+        self,
+        selection: Selection,
+        target: torch.Tensor,
+        merge: torch.Tensor,
+        k_r: torch.Tensor,
+        v_r: torch.Tensor,
+        p_r: torch.Tensor,
+    ) -> CompressionResult:
+        """The kept slots, merged heavy slots replaced; untouched ones stay bit-identical (no
+        w*k/w round trip)."""
+        result = selection.survivors()
+        h, n_heavy = selection.heavy.shape
+        received = torch.zeros(h, n_heavy, dtype=torch.long, device=target.device).scatter_add(
+            1, target, merge.long()
         )
-        out_k, out_v, out_p = gather_slots(keys, kept), gather_slots(values, kept), gather_slots(votes, kept)
-        pos = slice(span.sink, span.sink + heavy.shape[1])
-        out_k[:, pos] = torch.where(touched[..., None], k_r.to(keys.dtype), out_k[:, pos])
-        out_v[:, pos] = torch.where(touched[..., None], v_r.to(values.dtype), out_v[:, pos])
-        out_p[:, pos] = torch.where(touched, p_r.to(votes.dtype), out_p[:, pos])
-        n_merged = merge.sum(dim=1)
-        return CompressionResult(
-            keys=out_k,
-            values=out_v,
-            votes=out_p,
-            kept_index=kept,
-            num_merged=n_merged,
-            num_dropped=(t - budget) - n_merged,
-        )
+        touched = received > 0
+        pos = selection.heavy_positions
+        for out, merged in ((result.keys, k_r), (result.values, v_r)):
+            out[:, pos] = torch.where(touched[..., None], merged.to(out.dtype), out[:, pos])
+        result.votes[:, pos] = torch.where(touched, p_r.to(result.votes.dtype), result.votes[:, pos])
+        result.num_merged = merge.sum(dim=1)
+        result.num_dropped = selection.evicted.shape[1] - result.num_merged
+        return result

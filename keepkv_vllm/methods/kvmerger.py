@@ -23,6 +23,7 @@ sum of the set's votes instead, i.e. KVMerger with Electoral Votes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,12 @@ from keepkv_vllm.methods.base import (
     CompressionResult,
     KVCompressionMethod,
     ProtectedSpan,
+    Selection,
+    check_range,
     compute_dtype,
-    evicted_mask,
     gather_slots,
     register,
     select_top,
-    selection_result,
 )
 from keepkv_vllm.methods.h2o import accumulated_window_attention
 
@@ -49,10 +50,19 @@ def _per_run_sum(x: torch.Tensor, run_id: torch.Tensor, n_runs: int) -> torch.Te
     return x.new_zeros(x.shape[0], n_runs, x.shape[-1]).scatter_add(1, idx, x)
 
 
+@dataclass(frozen=True)
+class Runs:
+    """Merging sets over the candidates (the slots neither protected nor reserved)."""
+
+    run_id: torch.Tensor  # [H, M] each candidate's run
+    best: torch.Tensor  # [H, M] each run's highest attention (-inf for run ids that do not exist)
+    pivot: torch.Tensor  # [H, M] each run's pivot, a position in the candidates (M: no such run)
+    size: torch.Tensor  # [H, M] candidates per run
+
+
 @register
 class KVMerger(KVCompressionMethod):
     name = "kvmerger"
-    merges = True
 
     def __init__(
         self,
@@ -63,16 +73,12 @@ class KVMerger(KVCompressionMethod):
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
-        if not isinstance(similarity_threshold, (int, float)) or not -1.0 <= similarity_threshold <= 1.0:
-            raise ValueError(f"similarity_threshold must be in [-1, 1], got {similarity_threshold!r}")
-        if not isinstance(heavy_fraction, (int, float)) or not 0.0 <= heavy_fraction <= 1.0:
-            raise ValueError(f"heavy_fraction must be in [0, 1], got {heavy_fraction!r}")
+        self.similarity_threshold = check_range("similarity_threshold", similarity_threshold, -1.0, 1.0)
+        self.heavy_fraction = check_range("heavy_fraction", heavy_fraction, 0.0, 1.0)
         if sigma is not None and (not isinstance(sigma, (int, float)) or not sigma > 0):
             raise ValueError(f"sigma must be > 0 or None, got {sigma!r}")
         if not isinstance(count_votes, bool):
             raise ValueError(f"count_votes must be a bool, got {count_votes!r}")
-        self.similarity_threshold = float(similarity_threshold)
-        self.heavy_fraction = float(heavy_fraction)
         self.sigma = None if sigma is None else float(sigma)
         self.count_votes = count_votes
 
@@ -80,7 +86,12 @@ class KVMerger(KVCompressionMethod):
     def writes_votes(self) -> bool:
         return self.count_votes
 
-    def _compress(
+    def priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, span: ProtectedSpan
+    ) -> torch.Tensor:
+        return accumulated_window_attention(keys, votes, queries).to(compute_dtype(keys.dtype))
+
+    def select(
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
@@ -88,27 +99,37 @@ class KVMerger(KVCompressionMethod):
         queries: torch.Tensor,
         budget: int,
         span: ProtectedSpan,
-        scores: torch.Tensor | None,
-    ) -> CompressionResult:
-        h, t, _ = keys.shape
-        dt = compute_dtype(keys.dtype)
-        dev = keys.device
-        attn = (scores if scores is not None else accumulated_window_attention(keys, votes, queries)).to(dt)
-        n_mid = budget - span.sink - span.recent
-        n_heavy = math.floor(self.heavy_fraction * n_mid)
-        n_sets = n_mid - n_heavy
-        kept_fixed, heavy = select_top(attn, span.sink + n_heavy + span.recent, span)
+    ) -> Selection:
+        """Sinks, recent and the top-attention reserve (``heavy_fraction`` of the middle);
+        the rest of the budget goes to merged runs of the other slots."""
+        priority = self.priority(keys, votes, queries, span)
+        kept, heavy = select_top(priority, span.sink + self._reserve(budget, span) + span.recent, span)
+        return Selection(keys, values, votes, queries, budget, span, priority, kept, heavy)
+
+    def _reserve(self, budget: int, span: ProtectedSpan) -> int:
+        return math.floor(self.heavy_fraction * (budget - span.sink - span.recent))
+
+    def merge(self, selection: Selection) -> CompressionResult:
+        span, budget = selection.span, selection.budget
+        n_sets = budget - span.sink - span.recent - selection.heavy.shape[1]
         if n_sets == 0:
-            return selection_result(keys, values, votes, kept_fixed)
+            return selection.survivors()
+        dt = compute_dtype(selection.keys.dtype)
+        cand = selection.evicted  # every non-protected, non-reserved slot, ascending
+        kc, vc = gather_slots(selection.keys, cand).to(dt), gather_slots(selection.values, cand).to(dt)
+        pc, ac = gather_slots(selection.votes, cand).to(dt), gather_slots(selection.priority, cand)
+        runs = self._runs(cand, kc, ac, n_sets)
+        k_run, v_run, p_run = self._merge_runs(runs, kc, vc, pc)
+        # keep the n_sets runs with the strongest pivots (non-existent runs score -inf)
+        chosen = torch.sort(runs.best, dim=1, descending=True, stable=True).indices[:, :n_sets]
+        return self._assemble(selection, runs, chosen, k_run, v_run, p_run)
 
-        # candidates: every non-protected, non-heavy slot, ascending
-        m = t - span.sink - span.recent - n_heavy
-        cand = evicted_mask(kept_fixed, t).nonzero()[:, 1].view(h, m)
-        kc, vc = gather_slots(keys, cand).to(dt), gather_slots(values, cand).to(dt)
-        pc, ac = gather_slots(votes, cand).to(dt), gather_slots(attn, cand)
-
-        # 2. runs: cut where slots are not neighbours or keys are not similar enough; then
-        # cut the weakest remaining links until there are at least n_sets runs
+    def _runs(self, cand: torch.Tensor, kc: torch.Tensor, ac: torch.Tensor, n_sets: int) -> Runs:
+        """Runs of consecutive candidates with similar neighbouring keys, cut further at the
+        weakest links until there are at least ``n_sets``; each run's pivot is its slot of
+        highest attention (older wins ties)."""
+        h, m = ac.shape
+        dev = ac.device
         link_sim = F.cosine_similarity(kc[:, :-1], kc[:, 1:], dim=-1)  # [H, M-1]
         must_cut = (cand.diff(dim=1) != 1) | (link_sim <= self.similarity_threshold)
         n_cuts = must_cut.sum(dim=1).clamp(min=n_sets - 1)
@@ -116,68 +137,72 @@ class KVMerger(KVCompressionMethod):
         rank = torch.sort(cut_order, dim=1, stable=True).indices.argsort(dim=1)
         cut = rank < n_cuts.unsqueeze(1)
         run_id = torch.cat([torch.zeros(h, 1, dtype=torch.long, device=dev), cut.long().cumsum(dim=1)], dim=1)
-
-        # 3. pivot = the run's slot with the highest attention (older wins ties)
-        run_best = torch.full((h, m), -math.inf, dtype=dt, device=dev).scatter_reduce(
+        best = torch.full((h, m), -math.inf, dtype=ac.dtype, device=dev).scatter_reduce(
             1, run_id, ac, reduce="amax", include_self=True
         )
         pos = torch.arange(m, device=dev).expand(h, -1)
-        is_best = ac == run_best.gather(1, run_id)
+        is_best = ac == best.gather(1, run_id)
         pivot = torch.full((h, m), m, dtype=torch.long, device=dev).scatter_reduce(
             1, run_id, torch.where(is_best, pos, m), reduce="amin", include_self=True
-        )  # [H, runs] position in cand; m for run ids that do not exist
+        )
+        return Runs(run_id, best, pivot, _per_run_sum(torch.ones_like(ac), run_id, m))
 
-        # keep the n_sets runs with the strongest pivots (non-existent runs score -inf)
-        chosen = torch.sort(run_best, dim=1, descending=True, stable=True).indices[:, :n_sets]
-
-        # 4. Gaussian-kernel weighted merge of every run (cheap; unchosen runs are discarded)
-        k_pivot = gather_slots(kc, pivot.clamp(max=m - 1).gather(1, run_id))
+    def _merge_runs(
+        self, runs: Runs, kc: torch.Tensor, vc: torch.Tensor, pc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Gaussian-kernel weighted key and value of every run (cheap; unchosen runs are
+        discarded), and its vote sum with ``count_votes``."""
+        m = kc.shape[1]
+        k_pivot = gather_slots(kc, runs.pivot.clamp(max=m - 1).gather(1, runs.run_id))
         dist2 = (kc - k_pivot).pow(2).sum(dim=-1)
-        size = _per_run_sum(torch.ones_like(ac), run_id, m)
         if self.sigma is not None:
             sigma2 = torch.full_like(dist2, self.sigma**2)
         else:
-            mean_d2 = _per_run_sum(dist2, run_id, m) / (size - 1).clamp(min=1)
-            sigma2 = mean_d2.gather(1, run_id)
+            mean_d2 = _per_run_sum(dist2, runs.run_id, m) / (runs.size - 1).clamp(min=1)
+            sigma2 = mean_d2.gather(1, runs.run_id)
         g = torch.exp(-dist2 / (2 * sigma2)).nan_to_num(1.0) * pc  # 0/0 on identical keys → 1
-        total = _per_run_sum(g, run_id, m)
-        k_run = _per_run_sum(kc * g[..., None], run_id, m) / total[..., None]
-        v_run = _per_run_sum(vc * g[..., None], run_id, m) / total[..., None]
-        p_run = _per_run_sum(pc, run_id, m) if self.count_votes else None
+        total = _per_run_sum(g, runs.run_id, m)
+        k_run = _per_run_sum(kc * g[..., None], runs.run_id, m) / total[..., None]
+        v_run = _per_run_sum(vc * g[..., None], runs.run_id, m) / total[..., None]
+        p_run = _per_run_sum(pc, runs.run_id, m) if self.count_votes else None
+        return k_run, v_run, p_run
 
-        # assemble: heavy slots unchanged + one slot per chosen run at its pivot, in order
-        piv = pivot.gather(1, chosen)  # [H, n_sets] position in cand
-        single = (size.gather(1, chosen) == 1).unsqueeze(-1)
-        src = cand.gather(1, piv)
+    def _assemble(
+        self,
+        selection: Selection,
+        runs: Runs,
+        chosen: torch.Tensor,
+        k_run: torch.Tensor,
+        v_run: torch.Tensor,
+        p_run: torch.Tensor | None,
+    ) -> CompressionResult:
+        """Reserved slots unchanged + one slot per chosen run at its pivot, in slot order."""
+        keys, values, votes, heavy = selection.keys, selection.values, selection.votes, selection.heavy
+        src = selection.evicted.gather(1, runs.pivot.gather(1, chosen))
+        single = runs.size.gather(1, chosen) == 1  # a run of one slot is that slot, unchanged
         mid_index = torch.cat([heavy, src], dim=1)
         order = mid_index.argsort(dim=1)
-        mid_index = mid_index.gather(1, order)
 
-        def place(fixed: torch.Tensor, merged: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-            run_vals = torch.where(single if merged.dim() == 3 else single[..., 0], original, merged)
-            both = torch.cat([fixed, run_vals], dim=1)
-            return gather_slots(both, order)
+        def place(reserved: torch.Tensor, merged: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+            keep = single.unsqueeze(-1) if merged.dim() == 3 else single
+            return gather_slots(torch.cat([reserved, torch.where(keep, original, merged)], dim=1), order)
 
-        mid_k = place(
-            gather_slots(keys, heavy), gather_slots(k_run, chosen).to(keys.dtype), gather_slots(keys, src)
-        )
-        mid_v = place(
-            gather_slots(values, heavy),
-            gather_slots(v_run, chosen).to(values.dtype),
-            gather_slots(values, src),
-        )
         piv_votes = gather_slots(votes, src)
         merged_votes = piv_votes if p_run is None else gather_slots(p_run, chosen).to(votes.dtype)
-        mid_p = place(gather_slots(votes, heavy), merged_votes, piv_votes)
-
-        n_merged = (size.gather(1, chosen) - 1).sum(dim=1).long()
+        mid = [
+            place(gather_slots(x, heavy), gather_slots(run, chosen).to(x.dtype), gather_slots(x, src))
+            for x, run in ((keys, k_run), (values, v_run))
+        ] + [place(gather_slots(votes, heavy), merged_votes, piv_votes)]
+        sink, recent, t = selection.span.sink, selection.span.recent, votes.shape[1]
+        kept = selection.kept
+        n_merged = (runs.size.gather(1, chosen) - 1).sum(dim=1).long()
         return CompressionResult(
-            keys=torch.cat([keys[:, : span.sink], mid_k, keys[:, t - span.recent :]], dim=1),
-            values=torch.cat([values[:, : span.sink], mid_v, values[:, t - span.recent :]], dim=1),
-            votes=torch.cat([votes[:, : span.sink], mid_p, votes[:, t - span.recent :]], dim=1),
+            keys=torch.cat([keys[:, :sink], mid[0], keys[:, t - recent :]], dim=1),
+            values=torch.cat([values[:, :sink], mid[1], values[:, t - recent :]], dim=1),
+            votes=torch.cat([votes[:, :sink], mid[2], votes[:, t - recent :]], dim=1),
             kept_index=torch.cat(
-                [kept_fixed[:, : span.sink], mid_index, kept_fixed[:, span.sink + n_heavy :]], dim=1
+                [kept[:, :sink], mid_index.gather(1, order), kept[:, sink + heavy.shape[1] :]], dim=1
             ),
             num_merged=n_merged,
-            num_dropped=(t - budget) - n_merged,
+            num_dropped=(t - selection.budget) - n_merged,
         )

@@ -9,16 +9,13 @@ the slots before the recent window only, as in the paper, where the window is ke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from keepkv_vllm.methods.base import (
-    CompressionResult,
     KVCompressionMethod,
     ProtectedSpan,
     check_int,
+    pool_before_recent,
     register,
-    select_top,
-    selection_result,
     window_attention_probs,
 )
 
@@ -31,20 +28,8 @@ class SnapKV(KVCompressionMethod):
         super().__init__(**common)  # type: ignore[arg-type]
         self.kernel_size = check_int("kernel_size", kernel_size, minimum=1, odd=True)
 
-    def _compress(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        votes: torch.Tensor,
-        queries: torch.Tensor,
-        budget: int,
-        span: ProtectedSpan,
-        scores: torch.Tensor | None,
-    ) -> CompressionResult:
-        t = votes.shape[1]
+    def priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, span: ProtectedSpan
+    ) -> torch.Tensor:
         attention = window_attention_probs(keys, votes, queries).mean(dim=(1, 2))  # [H, T]
-        prefix = attention[:, : t - span.recent]
-        pooled = F.max_pool1d(prefix.unsqueeze(1), self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        priority = torch.cat([pooled.squeeze(1), attention[:, t - span.recent :]], dim=1)
-        kept, _ = select_top(priority, budget, span)
-        return selection_result(keys, values, votes, kept)
+        return pool_before_recent(attention, self.kernel_size, span.recent)
