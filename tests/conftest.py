@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -70,3 +73,32 @@ def needle_factory():
     from keepkv_vllm.eval.needle import NeedleFactory
 
     return NeedleFactory(AutoTokenizer.from_pretrained(str(model_dir())))
+
+
+@contextlib.contextmanager
+def serving(args_by_name: dict[str, list[str]]) -> Iterator[dict]:
+    """Real ``vllm serve`` processes, started side by side, by name. A server that fails to
+    start raises its error (with the end of its log); every one is stopped afterwards."""
+    from keepkv_vllm.bench.server import ServerProcess
+
+    servers = {name: ServerProcess(args) for name, args in args_by_name.items()}
+    errors = []
+
+    def start(server: ServerProcess) -> None:
+        try:
+            server.start()
+        except Exception as e:  # raised below, once every start has finished
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()

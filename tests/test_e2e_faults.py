@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
+from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN as KV_BYTES_PER_TOKEN
+
 pytestmark = pytest.mark.slow
 
 POOL_BLOCKS = 30
-KV_BYTES_PER_TOKEN = 46_080  # SmolLM2-135M fp32
 BUDGET = 0.3
 
 

@@ -10,10 +10,10 @@ be identical to stock vLLM's.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import openai
 import pytest
+from conftest import serving
 
 from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
 
@@ -47,18 +47,8 @@ MIX = [
 
 @pytest.fixture(scope="module")
 def servers():
-    stock, keepkv = ServerProcess(COMMON), ServerProcess(COMMON + ALWAYS)
-    threads = [threading.Thread(target=s.start) for s in (stock, keepkv)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        assert stock.proc.poll() is None and keepkv.proc.poll() is None
-        yield stock, keepkv
-    finally:
-        stock.stop()
-        keepkv.stop()
+    with serving({"stock": COMMON, "keepkv": COMMON + ALWAYS}) as started:
+        yield started["stock"], started["keepkv"]
 
 
 @pytest.fixture(scope="module")

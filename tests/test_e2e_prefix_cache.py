@@ -8,7 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ ARGS = [
     "--gpu-memory-utilization",
     "0.3",
     "--kv-cache-memory-bytes",
-    str(60 * BLOCK * 46_080),
+    str(60 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN),
     "--enable-prefix-caching",
     "--kv-compression",
     "keepkv",

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 from pathlib import Path
 
 import openai
 import pytest
+from conftest import serving
 
 from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
 from keepkv_vllm.bench.workload import run_concurrent
@@ -73,29 +73,11 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 @pytest.fixture(scope="module")
 def servers(cpu_fp8_kv):
-    started = {"stock": ServerProcess(COMMON), "keepkv": ServerProcess(COMMON + KEEPKV)}
+    args = {"stock": COMMON, "keepkv": COMMON + KEEPKV}
     if cpu_fp8_kv:
-        started |= {"stock-fp8": ServerProcess(FP8), "keepkv-fp8": ServerProcess(FP8 + KEEPKV_FP8)}
-    errors = []
-
-    def start(server: ServerProcess) -> None:
-        try:
-            server.start()
-        except Exception as e:  # reported below, after both attempts
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in started.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
+        args |= {"stock-fp8": FP8, "keepkv-fp8": FP8 + KEEPKV_FP8}
+    with serving(args) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

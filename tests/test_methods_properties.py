@@ -174,15 +174,24 @@ def test_snapkv_pooling_keeps_the_neighbours_of_a_hit():
     assert set(range(97, 104)) <= set(res.kept_index[0].tolist())
 
 
-def test_cam_merges_values_only_and_conserves_value_mass_direction():
+def test_cam_merges_values_only_and_adds_each_evicted_value_times_its_gate():
     keys, values, vts, queries = make_inputs(t=120, window=8, dtype=torch.float64)
-    res = get_method("cam", merge_window=4).compress(keys, values, vts, queries, 40)
+    cam = get_method("cam", merge_window=4)
+    res = cam.compress(keys, values, vts, queries, 40)
     idx = res.kept_index.unsqueeze(-1).expand(-1, -1, 16)
     assert torch.equal(res.keys, keys.gather(1, idx)) and torch.equal(
         res.votes, vts.gather(1, res.kept_index)
     )
     assert not torch.equal(res.values, values.gather(1, idx))
     assert (res.num_merged > 0).all()
+    # value mass: the heavy slots gained exactly sum_i prob_i V_i (each evicted value is spread
+    # as prob_i V_i / m over m targets)
+    selection = cam.select(keys, values, vts, queries, 40, cam.protected_span(40, 8))
+    _, prob = cam._gates(selection)
+    evicted = values.gather(1, selection.evicted.unsqueeze(-1).expand(-1, -1, 16))
+    pos = selection.heavy_positions
+    gained = res.values[:, pos].sum(dim=1) - values.gather(1, idx)[:, pos].sum(dim=1)
+    torch.testing.assert_close(gained, (evicted * prob[..., None]).sum(dim=1), rtol=1e-12, atol=1e-12)
 
 
 def test_cam_gate_is_relative_attention_clamped():
@@ -235,9 +244,19 @@ def test_kvmerger_count_votes_conserve_mass_when_nothing_is_dropped():
 
 
 def test_kvmerger_budget_exact_when_threshold_makes_too_few_sets():
-    keys = torch.ones(1, 50, 8, dtype=torch.float64) + 1e-3 * torch.randn(1, 50, 8, dtype=torch.float64)
-    values, vts = torch.randn(1, 50, 8, dtype=torch.float64), torch.ones(1, 50, dtype=torch.float64)
+    """Nearly identical keys form one run; it is cut at its weakest links into exactly as many
+    sets as the budget has room for, so every slot is merged and none dropped."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.ones(1, 50, 8, dtype=torch.float64) + 1e-3 * torch.randn(
+        1, 50, 8, dtype=torch.float64, generator=g
+    )
+    values, vts = (
+        torch.randn(1, 50, 8, dtype=torch.float64, generator=g),
+        torch.ones(1, 50, dtype=torch.float64),
+    )
     res = get_method("kvmerger", similarity_threshold=0.0).compress(
         keys, values, vts, keys[:, -2:].clone(), 25
     )
-    assert res.keys.shape == (1, 25, 8) and math.isfinite(res.keys.sum().item())
+    assert res.keys.shape == (1, 25, 8) and res.kept_index.shape == (1, 25)
+    assert (res.kept_index.diff(dim=1) > 0).all() and math.isfinite(res.keys.sum().item())
+    assert res.num_merged.item() == 25 and res.num_dropped.item() == 0
