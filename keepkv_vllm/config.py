@@ -181,8 +181,11 @@ def parse_config(data: dict[str, Any] | KVCompressionConfig | None) -> KVCompres
         raise ConfigError(f"invalid kv_compression setting: {e}") from None
 
 
-def load_config_arg(value: str | None) -> dict[str, Any]:
-    """``--kv-compression-config``: a JSON object, or a path to a YAML/JSON file."""
+def load_config_arg(value: str | dict[str, Any] | None) -> dict[str, Any]:
+    """``--kv-compression-config``: a JSON object, a path to a YAML/JSON file, or the mapping
+    the CLI already loaded from one of them."""
+    if isinstance(value, dict):
+        return dict(value)
     if value is None or value == "":
         return {}
     text = value.strip()

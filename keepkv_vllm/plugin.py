@@ -59,13 +59,13 @@ def register() -> None:
 # -- CLI -----------------------------------------------------------------------------
 
 
-def _config_arg(value: str) -> str:
-    """argparse type: fail while parsing, with the parser's own one-line error."""
+def _config_arg(value: str) -> dict[str, Any]:
+    """argparse type: the settings mapping, loaded once; a bad one fails while parsing, with
+    the parser's own one-line error. (They are validated once, with the engine config.)"""
     try:
-        load_config_arg(value)
+        return load_config_arg(value)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -107,10 +107,6 @@ def _patch_cli(engine_args: type) -> None:
     def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
         merged = merge_cli_settings(args)
         if merged is not None:
-            try:
-                parse_config(merged[ADDITIONAL_CONFIG_KEY])
-            except ConfigError as e:  # refuse to start: one line, no traceback
-                raise SystemExit(f"error: {e}") from None
             # also on args: API-server children rebuild their engine args from them
             args.additional_config = merged
         engine_args = stock_from_cli(cls, args)

@@ -37,28 +37,28 @@ def run(order, method, seed=0):
 
 def test_survivors_land_in_the_first_slots_of_the_kept_blocks():
     # 30 slots in 4 blocks -> 12 slots in the first 2; StreamingLLM makes the result predictable
-    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
+    order = CompressionOrder("r", (7, 2, 5, 9), 30, 12, 0, 30, block_ids=(7, 2))
     before, before_votes, after, votes, stats, _ = run(order, get_method("streamingllm", sink=2, recent=4))
     keep = torch.cat([torch.arange(2), torch.arange(20, 30)])
     for b, a in zip(before, after, strict=True):
         assert torch.equal(a, b[:, keep])
     torch.testing.assert_close(votes, before_votes[:, keep], rtol=1e-6, atol=0)  # through log and exp
-    assert stats.tokens_removed == H * 18 and stats.tokens_merged == 0
+    assert stats.entries_removed == H * 18 and stats.entries_merged == 0
     assert order.kv_offset == 18
 
 
 def test_frozen_prefix_slots_are_left_verbatim_and_not_compressed():
     # the first block (8 slots) is shared: compression runs on slots 8..30 only
-    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2, 5], 30, 20, 8, 30)
+    order = CompressionOrder("r", (7, 2, 5, 9), 30, 20, 8, 30, block_ids=(7, 2, 5))
     before, before_votes, after, votes, stats, _ = run(order, get_method("keepkv", sink=1, recent=4))
     for b, a in zip(before, after, strict=True):
         assert torch.equal(a[:, :8], b[:, :8])
     assert torch.equal(votes[:, :8], before_votes[:, :8])
-    assert stats.tokens_removed == H * 10
+    assert stats.entries_removed == H * 10
 
 
 def test_blocks_outside_the_request_are_untouched():
-    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
+    order = CompressionOrder("r", (7, 2, 5, 9), 30, 12, 0, 30, block_ids=(7, 2))
     keys_before = paged_layer()[0].key_cache.clone()
     *_, keys_after = run(order, get_method("keepkv", sink=2, recent=4))
     others = [b for b in range(10) if b not in (7, 2, 5, 9)]
@@ -71,10 +71,10 @@ def test_request_ledger_sums_per_request_and_forgets_the_oldest():
     ledger = RequestLedger(capacity=2)
     ledger.add("a", compressions=1, slots_removed=100)
     ledger.add("a", compressions=1, slots_removed=20)
-    ledger.add("b", tokens_merged=7)
+    ledger.add("b", entries_merged=7)
     assert ledger.get(["a", "b", "never"]) == {
         "a": {"compressions": 2, "slots_removed": 120},
-        "b": {"tokens_merged": 7},
+        "b": {"entries_merged": 7},
     }
     ledger.add("c", compressions=1)
     assert set(ledger.get()) == {"b", "c"}
@@ -106,14 +106,14 @@ MERGING = {"keepkv": {"similarity_threshold": 0.5}, "kvmerger": {"similarity_thr
 def test_fp8_kept_slots_move_byte_for_byte_and_merged_ones_are_requantized(fmt, name):
     paged, queries = fp8_layer(fmt)
     quant = paged.quant
-    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
+    order = CompressionOrder("r", (7, 2, 5, 9), 30, 12, 0, 30, block_ids=(7, 2))
     src = torch.tensor(order.src_block_ids)
     stored_k, stored_v = (x.clone() for x in paged.gather(src, 0, 30))
     keys, values = quant.dequantize(stored_k, quant.k_scale), quant.dequantize(stored_v, quant.v_scale)
     method = get_method(name, sink=2, recent=4, **MERGING.get(name, {}))
     result = method.compress(keys, values, torch.ones(H, 30), queries, 12)
     stats = compact_request([(paged, queries)], order, method)
-    assert (stats.tokens_merged > 0) == (name in MERGING)
+    assert (stats.entries_merged > 0) == (name in MERGING)
     out_k, out_v = paged.gather(torch.tensor(order.block_ids), 0, 12)
     index = result.kept_index.unsqueeze(-1).expand(-1, -1, D)
     merged = (result.keys != keys.gather(1, index)).any(-1) | (result.values != values.gather(1, index)).any(
@@ -146,7 +146,7 @@ def test_fp8_merged_values_past_the_format_saturate_and_are_counted():
             return CompressionResult(out_k, out_v, votes[:, :budget], kept, zeros + 1, zeros + 17)
 
     paged, queries = fp8_layer("fp8")
-    order = CompressionOrder("r", [7, 2, 5, 9], [7, 2], 30, 12, 0, 30)
+    order = CompressionOrder("r", (7, 2, 5, 9), 30, 12, 0, 30, block_ids=(7, 2))
     stats = compact_request([(paged, queries)], order, Overflow())
     assert stats.saturated == H * D  # slot 0 of every head, every dim
     out_k, _ = paged.gather(torch.tensor(order.block_ids), 0, 1)

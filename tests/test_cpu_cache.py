@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("vllm")
 
-from keepkv_vllm.attention.kv_layout import allocate_padded_cache  # noqa: E402
-from keepkv_vllm.attention.paged_torch import paged_vote_attention  # noqa: E402
-from keepkv_vllm.attention.quant import FP8_FORMATS  # noqa: E402
-from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl  # noqa: E402
-from keepkv_vllm.engine.cpu_cache import CPUPagedKV, strided_layout  # noqa: E402
-from keepkv_vllm.engine.worker_state import VotedDecodeBatch  # noqa: E402
+from keepkv_vllm.attention.kv_layout import allocate_padded_cache
+from keepkv_vllm.attention.paged_torch import paged_vote_attention
+from keepkv_vllm.attention.quant import FP8_FORMATS
+from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl
+from keepkv_vllm.engine.cpu_cache import CPUPagedKV, strided_layout
+from keepkv_vllm.engine.worker_state import VotedDecodeBatch
 
 CASES = [("vec", torch.float32, 128), ("vec16", torch.float32, 16), ("vec", torch.bfloat16, 128)]
 if torch.cpu._is_amx_tile_supported():

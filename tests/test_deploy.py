@@ -15,12 +15,12 @@ import yaml
 
 pytest.importorskip("vllm")
 
-from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: E402
-from vllm.entrypoints.launchers.cli_args import make_arg_parser  # noqa: E402
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from keepkv_vllm import plugin  # noqa: E402
-from keepkv_vllm.config import parse_config  # noqa: E402
+from keepkv_vllm import plugin
+from keepkv_vllm.config import parse_config
 
 plugin.register()
 ROOT = Path(__file__).resolve().parents[1]

@@ -127,7 +127,7 @@ def test_a_request_that_finishes_in_the_step_it_is_compressed(llm, prompts):
     result = _run(llm, [("short", prompts[3], 2, None), ("witness-short", prompts[0], 16, OFF)])
     assert len(result["short"]) == 2
     row = next(v for k, v in _ledger(llm).items() if k.startswith("short-"))
-    assert row["compressions"] == 1 and row["tokens_removed"] > 0
+    assert row["compressions"] == 1 and row["entries_removed"] > 0
     ref = _run(llm, [("witness-alone", prompts[0], 16, OFF)])
     assert result["witness-short"] == ref["witness-alone"]
     free, total = _pool_state(llm)

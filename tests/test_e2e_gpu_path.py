@@ -82,7 +82,7 @@ def test_compressed_requests_match_the_torch_vote_path(runs):
     counters = flash["stats"]["counters"]
     assert counters["requests_compressed"] == 2 and counters["compressions"] >= 2
     assert flash["stats"]["counters"]["compressions"] == torch_path["stats"]["counters"]["compressions"]
-    merged = sum(w["tokens_merged"] for w in flash["stats"]["worker"])
+    merged = sum(w["entries_merged"] for w in flash["stats"]["worker"])
     assert merged > 0  # KeepKV merged slots: their votes != 1 were read by the Triton kernel
     assert flash["tokens"][:2] == torch_path["tokens"][:2]
 
@@ -118,7 +118,7 @@ def test_fp8_cache_compresses_and_merges_through_the_gpu_kernels(fp8_flash):
     counters = fp8_flash["stats"]["counters"]
     assert counters["requests_compressed"] == 2 and counters["compressions"] > 0
     worker = fp8_flash["stats"]["worker"][0]
-    assert worker["tokens_merged"] > 0 and worker["saturated_elements"] == 0
+    assert worker["entries_merged"] > 0 and worker["saturated_elements"] == 0
     assert [len(t) for t in fp8_flash["tokens"]] == [8, 8, 8]
     # fp8 pages: one byte per element plus float16 log-votes (2 bytes per slot and kv-head)
     assert worker["memory_vote_bytes"] * 64 == worker["memory_pool_bytes"] - worker["memory_vote_bytes"]

@@ -127,7 +127,7 @@ def tensor_parallel(prompts):
 def test_tp3_makes_the_same_compressions_as_tp1(tensor_parallel):
     tp1, tp3 = tensor_parallel["tp1"]["stats"], tensor_parallel["tp3"]["stats"]
     assert tp1["counters"]["compressions"] > 0
-    for key in ("compressions", "blocks_freed", "tokens_removed", "requests_compressed", "preemptions"):
+    for key in ("compressions", "blocks_freed", "slots_removed", "requests_compressed", "preemptions"):
         assert tp3["counters"][key] == tp1["counters"][key], key
     assert tensor_parallel["tp3"]["preemptions"] == tensor_parallel["tp1"]["preemptions"] == 0
 
@@ -139,8 +139,8 @@ def test_every_rank_runs_every_order_and_the_counters_add_up(tensor_parallel):
     assert all(r["orders"] == tp3["counters"]["compressions"] for r in ranks)
     assert tp3["worker"]["orders"] == 3 * tp1["worker"]["orders"]
     # each rank merges in its own kv-head; together they remove what the one TP=1 worker removes
-    assert tp3["worker"]["tokens_removed"] == tp1["worker"]["tokens_removed"]
-    assert sum(r["tokens_merged"] for r in ranks) == tp3["worker"]["tokens_merged"] > 0
+    assert tp3["worker"]["entries_removed"] == tp1["worker"]["entries_removed"]
+    assert sum(r["entries_merged"] for r in ranks) == tp3["worker"]["entries_merged"] > 0
 
 
 def test_the_pool_ends_as_it_started_and_needles_hold(tensor_parallel):

@@ -214,9 +214,9 @@ def test_compression_ran_constantly_and_the_counters_add_up(soak):
     assert c["compressions"] >= 100 and c["blocks_freed"] > 0
     assert c["blocks_freed"] <= c["blocks_allocated"]
     # the worker removed exactly what the scheduler ordered, in every layer and kv-head
-    assert w["tokens_removed"] == c["tokens_removed"] * LAYERS_X_KV_HEADS
+    assert w["entries_removed"] == c["slots_removed"] * LAYERS_X_KV_HEADS
     assert w["orders"] == c["compressions"]
-    assert 0 < w["tokens_merged"] <= w["tokens_removed"]
+    assert 0 < w["entries_merged"] <= w["entries_removed"]
     assert w["vote_layers"] == 30 and w["votes_nonpositive"] == 0 and w["votes_nonfinite"] == 0
     metrics = summary["metrics"]
     assert metrics.get("keepkv_compressions_total", 0) <= c["compressions"]

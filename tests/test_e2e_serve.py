@@ -134,7 +134,7 @@ def test_keepkv_compresses_instead_of_preempting(runs):
     assert after["compressions"] > before["compressions"]
     assert after["blocks_freed"] > before["blocks_freed"]
     assert after["preemptions_avoided"] + after["admissions_enabled"] > 0
-    assert run["stats"]["worker"]["tokens_merged"] > 0  # KeepKV merged, not only evicted
+    assert run["stats"]["worker"]["entries_merged"] > 0  # KeepKV merged, not only evicted
 
 
 def test_every_request_completes_with_all_its_tokens(runs):
@@ -167,7 +167,7 @@ def test_counters_on_metrics_and_info_log(servers, runs):
     metrics = keepkv.metrics()
     assert metrics["keepkv_compressions_total"] == counters["compressions"]
     assert metrics["keepkv_blocks_freed_total"] == counters["blocks_freed"]
-    assert metrics["keepkv_tokens_merged_total"] > 0
+    assert metrics["keepkv_entries_merged_total"] > 0
     assert "keepkv_compressions_total" not in servers["stock"].metrics()
     log = Path(keepkv.log.name).read_text()
     assert "KV compression enabled: method=keepkv" in log
@@ -268,7 +268,7 @@ def test_fp8_stock_preempts_and_keepkv_on_fp8_compresses_instead(fp8_runs):
     counters, worker = run["stats"]["counters"], run["stats"]["worker"]
     assert run["preemptions"] == 0 and counters["preemptions"] == 0
     assert counters["compressions"] > 0 and counters["blocks_freed"] > 0
-    assert worker["tokens_merged"] > 0  # merged slots were requantized into the fp8 pages
+    assert worker["entries_merged"] > 0  # merged slots were requantized into the fp8 pages
     assert worker["saturated_elements"] == 0  # SmolLM2's keys and values are far below 448
     for r in fp8_runs.values():
         assert r["completion_tokens"] == [OUTPUT_TOKENS] * NUM_REQUESTS

@@ -106,7 +106,7 @@ def test_rows_without_compression_are_invalid_and_not_scored():
             "budget": 0.2,
             "item": 1,
             "text": "",
-            "counters": {"slots_removed": 9, "tokens_merged": 4},
+            "counters": {"slots_removed": 9, "entries_merged": 4},
             "logprobs": [-2.0, -2.0],
             "forced_ok": True,
         },
@@ -116,7 +116,7 @@ def test_rows_without_compression_are_invalid_and_not_scored():
     assert table[("h2o", "needle")]["value"] is None and table[("h2o", "needle")]["valid"] == 0
     assert table[("keepkv", "needle")]["value"] == 0.0
     assert table[("none", "perplexity")]["value"] == pytest.approx(2.718281828**2)
-    assert table[("keepkv", "perplexity")]["mean_tokens_merged"] == 4
+    assert table[("keepkv", "perplexity")]["mean_entries_merged"] == 4
     md = markdown(aggregate(score_rows(items, rows)), [0.2])
     assert "| needle | h2o | invalid (0/1 valid) |" in md
 

@@ -16,20 +16,20 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm.platforms.interface import DeviceCapability  # noqa: E402
-from vllm.v1.attention import backend as vllm_backend  # noqa: E402
-from vllm.v1.attention.backends import flash_attn  # noqa: E402
-from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
-from vllm.v1.attention.selector import AttentionSelectorConfig  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout, compute_layout_strides  # noqa: E402
-from vllm.v1.worker.block_table import BlockTable  # noqa: E402
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
-from vllm.v1.worker.gpu_worker import Worker  # noqa: E402
+from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention import backend as vllm_backend
+from vllm.v1.attention.backends import flash_attn
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.attention.selector import AttentionSelectorConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout, compute_layout_strides
+from vllm.v1.worker.block_table import BlockTable
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
 
-from keepkv_vllm import plugin  # noqa: E402
-from keepkv_vllm.attention.kv_layout import allocate_padded_cache  # noqa: E402
-from keepkv_vllm.config import ConfigError  # noqa: E402
-from keepkv_vllm.engine import flash_attention, model_runner, worker  # noqa: E402
+from keepkv_vllm import plugin
+from keepkv_vllm.attention.kv_layout import allocate_padded_cache
+from keepkv_vllm.config import ConfigError
+from keepkv_vllm.engine import flash_attention, model_runner, worker
 
 
 def params(fn) -> list[str]:

@@ -9,14 +9,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from keepkv_vllm.config import parse_config  # noqa: E402
-from keepkv_vllm.engine.scheduler import CompressionCounters, KeepKVScheduler  # noqa: E402
-from keepkv_vllm.engine.window import RowTable  # noqa: E402
+from keepkv_vllm.config import parse_config
+from keepkv_vllm.engine.scheduler import CompressionCounters, KeepKVScheduler
+from keepkv_vllm.engine.window import RowTable
 
 
 def scheduler(blocks: int, rows: int, budget: float = 0.3) -> KeepKVScheduler:
     s = object.__new__(KeepKVScheduler)  # only the admission state, no engine
-    s.kvc = parse_config({"method": "keepkv", "budget": budget})
+    s.settings = parse_config({"method": "keepkv", "budget": budget})
     s._block_size, s._total_blocks = 128, blocks
     s.window_rows = RowTable(rows)
     s._request_options, s._output_lengths = {}, deque(maxlen=256)

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from keepkv_vllm.bench import scheduler_overhead  # noqa: E402
+from keepkv_vllm.bench import scheduler_overhead
 
 NUM_REQUESTS, STEPS, REPEATS = 32, 5, 1
 

@@ -12,7 +12,7 @@ def rank(orders, digest, merged, pool=1000):
     return {
         "orders": orders,
         "order_digest": digest,
-        "tokens_merged": merged,
+        "entries_merged": merged,
         "memory_pool_bytes": pool,
         "memory_window_rows": 7,
         "memory_share": 0.02,
@@ -21,7 +21,7 @@ def rank(orders, digest, merged, pool=1000):
 
 def test_ranks_sum_their_counters_and_must_agree_on_the_orders():
     merged, agree = merge_ranks([rank(3, 11, 40), rank(3, 11, 50), rank(3, 11, 60)])
-    assert agree and merged["tokens_merged"] == 150 and merged["orders"] == 9
+    assert agree and merged["entries_merged"] == 150 and merged["orders"] == 9
     assert merged["memory_pool_bytes"] == 3000  # each rank's pool holds its own kv-heads
     assert merged["memory_window_rows"] == 7 and merged["order_digest"] == 11  # the same on every rank
     _, agree = merge_ranks([rank(3, 11, 40), rank(3, 12, 40)])
@@ -57,7 +57,7 @@ def test_fetch_stats_reports_ranks_that_disagree():
     assert stats["ranks_agree"] is False and stats["worker"]["orders"] == 3
     assert stats["worker_ranks"] == [
         [
-            {"orders": 1, "order_digest": 5, "tokens_merged": 2},
-            {"orders": 2, "order_digest": 9, "tokens_merged": 2},
+            {"orders": 1, "order_digest": 5, "entries_merged": 2},
+            {"orders": 2, "order_digest": 9, "entries_merged": 2},
         ]
     ]

@@ -152,7 +152,7 @@ def compaction(
     queries = [torch.randn(shape.heads, window, shape.head_dim, generator=g) for _ in range(layers)]
     target = int(slots * budget)
     ids = list(range(1, blocks + 1))
-    order = CompressionOrder("r", ids, ids[: -(-target // bs)], slots, target, 0, slots, method)
+    order = CompressionOrder("r", tuple(ids), slots, target, 0, slots, method, tuple(ids[: -(-target // bs)]))
     snapshot = [c.kv_cache.clone() for c in caches]
     compressor = get_method(method)
 

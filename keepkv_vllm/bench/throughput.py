@@ -78,8 +78,8 @@ def observe(server: ServerProcess, label: str, drive: Callable[[], dict]) -> dic
         client = drive()
     after = server.get_json("/v1/kv_compression")
     after_metrics = server.metrics()
-    counters = lambda s: s.get("counters", {})  # noqa: E731
-    worker = lambda s, k: s.get("worker", {}).get(k, 0.0)  # noqa: E731
+    counters = lambda s: s.get("counters", {})
+    worker = lambda s, k: s.get("worker", {}).get(k, 0.0)
     return {
         "label": label,
         **client,

@@ -24,18 +24,19 @@ from keepkv_vllm.methods.base import CompressionResult, KVCompressionMethod
 ORDERS_ATTR = "kv_compression_orders"
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressionOrder:
     """Compress one request to ``kv_len_after`` slots per head, this step, before forward."""
 
     req_id: str
-    src_block_ids: list[int]  # the request's blocks before compression, covering kv_len_before
-    block_ids: list[int]  # its block list after this step's scheduling (a prefix of src + new)
+    src_block_ids: tuple[int, ...]  # the request's blocks before compression, covering kv_len_before
     kv_len_before: int
     kv_len_after: int
     frozen_slots: int  # leading slots in blocks shared through the prefix cache: left verbatim
     num_computed_tokens: int  # real tokens in the cache (RoPE positions keep counting these)
     method: str = ""  # registered method name; "" = the engine's configured method
+    # its block list once the step is scheduled (a prefix of src + this step's new blocks)
+    block_ids: tuple[int, ...] = ()
 
     @property
     def kv_offset(self) -> int:
@@ -51,8 +52,9 @@ class LayerCache:
 
 @dataclass
 class CompactionStats:
-    tokens_removed: int = 0  # slots removed per head, summed over layers and heads
-    tokens_merged: int = 0  # of which folded into a survivor
+    # an entry is one slot of one layer and kv-head: a request's slot counts once per layer x head
+    entries_removed: int = 0  # merged or dropped, summed over layers and kv-heads
+    entries_merged: int = 0  # of which folded into a survivor
     saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
 
 
@@ -61,8 +63,8 @@ class WorkerTotals:
     """Cumulative over the worker's life; reported by GET /v1/kv_compression."""
 
     orders: int = 0
-    tokens_merged: int = 0  # slots folded into survivors, all layers and heads
-    tokens_removed: int = 0  # slots removed, all layers and heads
+    entries_merged: int = 0  # (layer, kv-head, slot) entries folded into survivors
+    entries_removed: int = 0  # (layer, kv-head, slot) entries removed, merged or dropped
     compaction_seconds: float = 0.0
     saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
     # which orders ran, in which order (request, slots before and after): every tensor-parallel
@@ -71,8 +73,8 @@ class WorkerTotals:
 
     def add(self, order: CompressionOrder, stats: CompactionStats, seconds: float) -> None:
         self.orders += 1
-        self.tokens_merged += stats.tokens_merged
-        self.tokens_removed += stats.tokens_removed
+        self.entries_merged += stats.entries_merged
+        self.entries_removed += stats.entries_removed
         self.saturated += stats.saturated
         self.compaction_seconds += seconds
         key = f"{order.req_id}:{order.kv_len_before}:{order.kv_len_after}".encode()
@@ -81,8 +83,8 @@ class WorkerTotals:
     def as_dict(self) -> dict[str, float]:
         return {
             "orders": self.orders,
-            "tokens_merged": self.tokens_merged,
-            "tokens_removed": self.tokens_removed,
+            "entries_merged": self.entries_merged,
+            "entries_removed": self.entries_removed,
             "compaction_seconds": self.compaction_seconds,
             "saturated_elements": self.saturated,
             "order_digest": self.order_digest,
@@ -135,7 +137,7 @@ def compact_request(
             counts = counts.to(device)
         counts += compact_layer(LayerCache(paged, queries), order, method, src, dst)
     merged, removed, saturated = counts.tolist()
-    return CompactionStats(tokens_removed=removed, tokens_merged=merged, saturated=saturated)
+    return CompactionStats(entries_removed=removed, entries_merged=merged, saturated=saturated)
 
 
 def compact_layer(

@@ -42,12 +42,33 @@ class CompressionRunnerMixin:
     """Mixed into a vLLM V1 GPUModelRunner subclass (the CPU runner is one)."""
 
     def _kvc_init(self) -> None:
-        self._kvc = WorkerCompressionState(config_from_vllm(self.vllm_config))
+        self.kvc_state = WorkerCompressionState(config_from_vllm(self.vllm_config))
         self.kvc_totals = WorkerTotals()
         self.kvc_requests = RequestLedger()
         self.kvc_memory: SideMemory | None = None
         self.kvc_backend: Any = None  # the attention backend class the worker registered
-        worker_state.install(self._kvc)
+        worker_state.install(self.kvc_state)
+
+    def kvc_stats(self) -> dict[str, float]:
+        """Cumulative compaction counters, vote-path time and memory of this worker."""
+        stats = self.kvc_totals.as_dict()
+        stats["vote_attention_seconds"] = self.kvc_state.vote_attention_seconds
+        if self.kvc_memory is not None:
+            stats.update({f"memory_{k}": v for k, v in self.kvc_memory.as_dict().items()})
+        return stats
+
+    def kvc_vote_check(self) -> dict[str, int]:
+        """Scan every stored log-vote (free blocks included): each vote must be > 0 and finite.
+
+        A full pass over the vote regions, so only on request (``?check_votes=1``), never in
+        the once-a-second metrics poll.
+        """
+        votes = [paged.log_votes for paged in self.kvc_state.layers.values()]
+        return {
+            "votes_nonpositive": sum(int((v == float("-inf")).sum()) for v in votes),
+            "votes_nonfinite": sum(int(torch.isnan(v).sum() + (v == float("inf")).sum()) for v in votes),
+            "vote_layers": len(votes),
+        }
 
     def kvc_scratch_bytes(self) -> int:
         """Fixed per-step buffers the backend allocates with the KV cache."""
@@ -64,7 +85,7 @@ class CompressionRunnerMixin:
 
         from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
 
-        config = self._kvc.config
+        config = self.kvc_state.config
         specs = self.get_kv_cache_spec()  # type: ignore[attr-defined]
         geometry = WindowGeometry.from_vllm(self.vllm_config, config.window, len(specs))
         rows = rows_to_reserve(
@@ -93,7 +114,7 @@ class CompressionRunnerMixin:
     def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)  # type: ignore[misc]
         is_profiling = kwargs.get("is_profiling", args[0] if args else False)
-        state = self._kvc
+        state = self.kvc_state
         state.layers = self._kvc_paged_layers()
         if is_profiling:
             return  # vLLM frees only its own tensors after a profiling cache: allocate nothing
@@ -138,7 +159,7 @@ class CompressionRunnerMixin:
 
     def _kvc_lifecycle(self, scheduler_output: Any) -> None:
         """Finished and preempted requests free their window rows; new ones start uncompressed."""
-        state = self._kvc
+        state = self.kvc_state
         for req_id in (*scheduler_output.finished_req_ids, *(scheduler_output.preempted_req_ids or ())):
             state.release(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
@@ -149,7 +170,7 @@ class CompressionRunnerMixin:
 
     def _kvc_run_order(self, order: CompressionOrder) -> None:
         start = time.perf_counter()
-        state = self._kvc
+        state = self.kvc_state
         method = state.method_for(order.method)
         state.votes_written |= method.writes_votes
         window = state.window
@@ -160,20 +181,20 @@ class CompressionRunnerMixin:
         stats = compact_request(layers, order, method)
         self.kvc_totals.add(order, stats, time.perf_counter() - start)
         self.kvc_requests.add(
-            order.req_id, tokens_merged=stats.tokens_merged, tokens_removed=stats.tokens_removed
+            order.req_id, entries_merged=stats.entries_merged, entries_removed=stats.entries_removed
         )
         logger.debug(
             "compressed %s: %d -> %d slots per head (%d merged of %d removed, all layers and heads)",
             order.req_id,
             order.kv_len_before,
             order.kv_len_after,
-            stats.tokens_merged,
-            stats.tokens_removed,
+            stats.entries_merged,
+            stats.entries_removed,
         )
 
     def _kvc_adopt(self, order: CompressionOrder) -> None:
         """After vLLM's own update: the compressed request's offset and shorter block list."""
-        state = self._kvc
+        state = self.kvc_state
         state.kv_offset[order.req_id] = order.kv_offset
         if state.method_for(order.method).writes_votes:
             state.voted.add(order.req_id)
@@ -187,7 +208,7 @@ class CompressionRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)  # type: ignore[misc]
-        self._kvc.step = self._kvc_plan(
+        self.kvc_state.step = self._kvc_plan(
             np.asarray(num_scheduled_tokens[: self.input_batch.num_reqs], np.int64)
         )
         return result
@@ -196,11 +217,11 @@ class CompressionRunnerMixin:
         try:
             return super().execute_model(*args, **kwargs)  # type: ignore[misc]
         finally:
-            self._kvc.step = None  # a dummy or warm-up forward must not read this step's plan
+            self.kvc_state.step = None  # a dummy or warm-up forward must not read this step's plan
 
     def _kvc_plan(self, n_tok: np.ndarray) -> StepPlan:
         """This step's plan: window rows, and KV lengths and slots of compressed requests."""
-        state = self._kvc
+        state = self.kvc_state
         num_reqs = len(n_tok)
         req_ids = self.input_batch.req_ids[:num_reqs]
         computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
@@ -241,7 +262,7 @@ class CompressionRunnerMixin:
         """One padded block plan for every voted one-token row, reused by all layers (the CPU
         backend's batched torch path; a layout that cannot read whole blocks goes per request)."""
         decodes = [r for r in voted if r.token_end - r.token_start == 1]
-        first = next(iter(self._kvc.layers.values()), None)
+        first = next(iter(self.kvc_state.layers.values()), None)
         if not decodes or not getattr(first, "reads_blocks", False):
             return None
         bs = first.block_size

@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -45,7 +45,7 @@ class CompressionCounters:
     """Cumulative, engine-wide; exported on /metrics and GET /v1/kv_compression."""
 
     compressions: int = 0
-    tokens_removed: int = 0  # slots removed per head (merged or dropped), summed over requests
+    slots_removed: int = 0  # slots removed per kv-head (merged or dropped), summed over requests
     blocks_freed: int = 0
     blocks_allocated: int = 0  # new blocks handed to requests (by vLLM or after compressing)
     preemptions_avoided: int = 0  # running requests' allocations satisfied by compressing
@@ -63,7 +63,7 @@ class CompressionCounters:
 class KeepKVScheduler(Scheduler):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.kvc = config_from_vllm(self.vllm_config)
+        self.settings = config_from_vllm(self.vllm_config)
         coordinator = self.kv_cache_manager.coordinator
         managers = coordinator.single_type_managers
         if len(managers) != 1 or not isinstance(managers[0], FullAttentionManager):
@@ -75,7 +75,7 @@ class KeepKVScheduler(Scheduler):
         self._pool = self.kv_cache_manager.block_pool
         self._block_size = self._blocks.block_size
         self._total_blocks = self._pool.num_gpu_blocks - 1  # minus vLLM's null block
-        self._min_blocks = cdiv(self.kvc.min_budget_tokens, self._block_size)  # kept by any compression
+        self._min_blocks = cdiv(self.settings.min_budget_tokens, self._block_size)  # kept by any compression
         self._stock_allocate = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._allocate_slots
         self.kv_offset: dict[str, int] = {}
@@ -85,7 +85,7 @@ class KeepKVScheduler(Scheduler):
         self._request_options: dict[str, RequestOptions] = {}  # parsed once per request
         # the query window: rows for as many requests as the memory plan allows (engine/memory.py);
         # a row's queries are valid from the first token computed after it was assigned
-        num_rows, _ = window_rows(self.kvc, self.vllm_config, self.kv_cache_config)
+        num_rows, _ = window_rows(self.settings, self.vllm_config, self.kv_cache_config)
         self.window_rows = RowTable(num_rows)
         self._window_from: dict[str, int] = {}
         # output lengths of finished requests: how far running ones are likely to grow
@@ -95,10 +95,10 @@ class KeepKVScheduler(Scheduler):
         logger.info(
             "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d "
             "window rows=%d",
-            self.kvc.method,
-            self.kvc.budget,
-            self.kvc.trigger,
-            self.kvc.watermark,
+            self.settings.method,
+            self.settings.budget,
+            self.settings.trigger,
+            self.settings.watermark,
             self._block_size,
             self._total_blocks,
             num_rows,
@@ -110,20 +110,20 @@ class KeepKVScheduler(Scheduler):
         self._step_tokens = {}
         self._compress_proactively()
         output = super().schedule(*args, **kwargs)
-        orders = []
-        for req_id, order in self._orders.items():
-            order.block_ids = [b.block_id for b in self._blocks.req_to_blocks[req_id]]
-            orders.append(order)
+        orders = [  # complete: each request's blocks now include this step's new ones
+            replace(order, block_ids=tuple(b.block_id for b in self._blocks.req_to_blocks[req_id]))
+            for req_id, order in self._orders.items()
+        ]
         setattr(output, ORDERS_ATTR, orders)
         setattr(output, ROWS_ATTR, self.window_rows.take_new())
         return output
 
     def _compress_proactively(self) -> None:
-        if self.kvc.trigger == "always":
+        if self.settings.trigger == "always":
             for request in list(self._candidates()):
                 self._compress(request)
             return
-        low = self.kvc.watermark * self._total_blocks
+        low = self.settings.watermark * self._total_blocks
         if self._pool.get_num_free_blocks() >= low:
             return
         # one ranking per step: compressing a request changes no other request's reclaim
@@ -256,7 +256,7 @@ class KeepKVScheduler(Scheduler):
         options = self._options(request)
         if not options.enabled:
             return None
-        return self.kvc.target_tokens(num_tokens, options.budget)
+        return self.settings.target_tokens(num_tokens, options.budget)
 
     def _reclaimable(self, request: Request) -> int:
         """Blocks a compression of this request would return now (0: not eligible).
@@ -268,7 +268,7 @@ class KeepKVScheduler(Scheduler):
         if computed < request.num_prompt_tokens:
             return 0  # still in prefill: its queries are not all seen
         window_from = self._window_from.get(req_id)
-        if window_from is None or computed - window_from < self.kvc.window:
+        if window_from is None or computed - window_from < self.settings.window:
             return 0  # no window row, or fewer than W queries recorded in it
         held = len(self._blocks.req_to_blocks.get(req_id, ()))
         if held <= self._min_blocks:
@@ -285,65 +285,86 @@ class KeepKVScheduler(Scheduler):
                 yield request
 
     def _compress(self, request: Request) -> bool:
+        """Compress a running request to its target now: an order for the workers, its tail
+        blocks back to the pool. False when it is not eligible or nothing is worth it."""
         start = time.perf_counter()
-        req_id = request.request_id
         target = self._target(request)
         if target is None or self._reclaimable(request) == 0:
             return False
-        blocks = self._blocks.req_to_blocks[req_id]
-        bs = self._block_size
-        frozen_blocks = 0
-        while frozen_blocks < len(blocks) and blocks[frozen_blocks].ref_cnt > 1:
-            frozen_blocks += 1
-        frozen = frozen_blocks * bs
-        if target - frozen < self.kvc.min_budget_tokens:
+        blocks = self._blocks.req_to_blocks[request.request_id]
+        frozen_blocks = self._shared_prefix_blocks(blocks)
+        if target - frozen_blocks * self._block_size < self.settings.min_budget_tokens:
             return False  # the shared prefix leaves nothing worth compressing
-        offset = self.kv_offset.get(req_id, 0)
-        kv_before = request.num_computed_tokens - offset
-        keep = cdiv(target + self._step_tokens.get(req_id, 0), bs)
-        # every kept block past the frozen prefix gets new contents (survivors or this step's
-        # tokens): none may stay findable by its old prefix-cache hash
-        rewritten = {b.block_id for b in blocks[frozen_blocks:keep] if b.block_hash is not None}
-        if rewritten:
-            self._pool.evict_blocks(rewritten)
-        order = CompressionOrder(
-            req_id=req_id,
-            src_block_ids=[b.block_id for b in blocks[: cdiv(kv_before, bs)]],
-            block_ids=[],
+        order = self._order(request, target, frozen_blocks)
+        freed = self._release_tail(request.request_id, target, frozen_blocks)
+        self._record(order, freed, time.perf_counter() - start)
+        return True
+
+    @staticmethod
+    def _shared_prefix_blocks(blocks: list) -> int:
+        """Leading blocks other requests share through the prefix cache: never rewritten."""
+        n = 0
+        while n < len(blocks) and blocks[n].ref_cnt > 1:
+            n += 1
+        return n
+
+    def _order(self, request: Request, target: int, frozen_blocks: int) -> CompressionOrder:
+        """What the workers must do; its block list is the request's after this step is scheduled
+        (``schedule`` completes it, once vLLM has allocated this step's new blocks)."""
+        kv_before = request.num_computed_tokens - self.kv_offset.get(request.request_id, 0)
+        blocks = self._blocks.req_to_blocks[request.request_id]
+        return CompressionOrder(
+            req_id=request.request_id,
+            src_block_ids=tuple(b.block_id for b in blocks[: cdiv(kv_before, self._block_size)]),
             kv_len_before=kv_before,
             kv_len_after=target,
-            frozen_slots=frozen,
+            frozen_slots=frozen_blocks * self._block_size,
             num_computed_tokens=request.num_computed_tokens,
             method=self._options(request).method or "",
         )
+
+    def _release_tail(self, req_id: str, target: int, frozen_blocks: int) -> int:
+        """Keep the blocks the target (and this step's tokens) need, free the rest; returns how
+        many were freed. Kept blocks past the shared prefix get new contents, so none may stay
+        findable by its old prefix-cache hash (the freed tail keeps its contents and hash)."""
+        blocks = self._blocks.req_to_blocks[req_id]
+        keep = cdiv(target + self._step_tokens.get(req_id, 0), self._block_size)
+        rewritten = {b.block_id for b in blocks[frozen_blocks:keep] if b.block_hash is not None}
+        if rewritten:
+            self._pool.evict_blocks(rewritten)
         tail = blocks[keep:]
         del blocks[keep:]
         self._pool.free_blocks(reversed(tail))
-        if req_id in self._blocks.num_cached_block:
-            self._blocks.num_cached_block[req_id] = min(self._blocks.num_cached_block[req_id], frozen_blocks)
+        cached = self._blocks.num_cached_block
+        if req_id in cached:
+            cached[req_id] = min(cached[req_id], frozen_blocks)
+        return len(tail)
+
+    def _record(self, order: CompressionOrder, freed: int, seconds: float) -> None:
+        """The request's new offset, the order for this step, counters, ledger and log line."""
+        req_id, removed = order.req_id, order.kv_len_before - order.kv_len_after
+        first = req_id not in self.kv_offset  # INFO for a request's first compression, DEBUG after
         self.kv_offset[req_id] = order.kv_offset
         self._orders[req_id] = order
         c = self.counters
         c.compressions += 1
-        c.tokens_removed += kv_before - target
-        c.blocks_freed += len(tail)
-        self.request_ledger.add(req_id, compressions=1, slots_removed=kv_before - target)
+        c.slots_removed += removed
+        c.blocks_freed += freed
+        self.request_ledger.add(req_id, compressions=1, slots_removed=removed)
         if req_id not in self._compressed_ids:
             self._compressed_ids.add(req_id)
             c.requests_compressed += 1
-        c.compression_time_s += time.perf_counter() - start
-        first = offset == 0  # INFO for a request's first compression, DEBUG after
+        c.compression_time_s += seconds
         (logger.info if first else logger.debug)(
             "kv compression (%s): request %s %d -> %d slots, %d blocks freed, %d/%d blocks free",
-            order.method or self.kvc.method,
+            order.method or self.settings.method,
             req_id,
-            kv_before,
-            target,
-            len(tail),
+            order.kv_len_before,
+            order.kv_len_after,
+            freed,
             self._pool.get_num_free_blocks(),
             self._total_blocks,
         )
-        return True
 
     # -- request lifecycle ----------------------------------------------------------------
     def _preempt_request(self, request: Request, *args: object, **kwargs: object) -> None:

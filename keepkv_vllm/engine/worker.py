@@ -15,7 +15,6 @@ import logging
 import os
 from typing import Any
 
-import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.worker import cpu_worker
 from vllm.v1.worker.cpu_worker import CPUWorker
@@ -45,30 +44,14 @@ class CompressionWorkerMixin:
         )
         return available
 
+    # collective_rpc targets of the API server (server/stats.py); the runner keeps the figures
     def kv_compression_worker_stats(self) -> dict[str, float]:
-        """Cumulative compaction counters and memory (collective_rpc target for the API server)."""
-        runner = self.model_runner
-        stats = runner.kvc_totals.as_dict()
-        stats["vote_attention_seconds"] = runner._kvc.vote_attention_seconds
-        if runner.kvc_memory is not None:
-            stats.update({f"memory_{k}": v for k, v in runner.kvc_memory.as_dict().items()})
-        return stats
+        return self.model_runner.kvc_stats()
 
     def kv_compression_vote_check(self) -> dict[str, int]:
-        """Scan every stored log-vote (free blocks included): each vote must be > 0 and finite.
-
-        A full pass over the vote regions, so only on request (``?check_votes=1``), never in
-        the once-a-second metrics poll.
-        """
-        votes = [paged.log_votes for paged in self.model_runner._kvc.layers.values()]
-        return {
-            "votes_nonpositive": sum(int((v == float("-inf")).sum()) for v in votes),
-            "votes_nonfinite": sum(int(torch.isnan(v).sum() + (v == float("inf")).sum()) for v in votes),
-            "vote_layers": len(votes),
-        }
+        return self.model_runner.kvc_vote_check()
 
     def kv_compression_request_stats(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
-        """Per-request tokens merged/removed over all layers and heads (collective_rpc target)."""
         return self.model_runner.kvc_requests.get(req_ids)
 
 

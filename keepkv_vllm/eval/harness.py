@@ -172,10 +172,10 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             line["value"] = 100.0 * sum(r["score"] for r in valid) / len(valid)
         else:
             line["value"] = None  # nothing valid: not scored
-        merged = [r["counters"].get("tokens_merged", 0) for r in valid]
+        merged = [r["counters"].get("entries_merged", 0) for r in valid]
         removed = [r["counters"].get("slots_removed", 0) for r in valid]
         line["mean_slots_removed"] = sum(removed) / len(valid) if valid else 0
-        line["mean_tokens_merged"] = sum(merged) / len(valid) if valid else 0
+        line["mean_entries_merged"] = sum(merged) / len(valid) if valid else 0
         table.append(line)
     return table
 

@@ -41,7 +41,7 @@ class NeedleFactory:
             [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
         )
         before, after = text.split(marker)
-        enc = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+        enc = lambda s: self.tokenizer(s, add_special_tokens=False).input_ids
         return enc(before), enc(f"\n\n{QUESTION}" + after)
 
     def make(self, length: int, depth: float, seed: int) -> NeedlePrompt:

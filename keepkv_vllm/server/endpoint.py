@@ -22,7 +22,7 @@ logger = logging.getLogger("vllm.keepkv")
 #: Prometheus counter name -> (section, key) in the stats
 METRICS = {
     "keepkv_compressions": ("counters", "compressions", "Compressions of running requests"),
-    "keepkv_tokens_removed": ("counters", "tokens_removed", "Slots per head removed by compression"),
+    "keepkv_slots_removed": ("counters", "slots_removed", "Slots removed by compression, per kv-head"),
     "keepkv_blocks_freed": ("counters", "blocks_freed", "KV blocks returned to the pool by compression"),
     "keepkv_preemptions_avoided": (
         "counters",
@@ -35,7 +35,11 @@ METRICS = {
         "Waiting requests admitted after compressing running ones",
     ),
     "keepkv_preemptions": ("counters", "preemptions", "Preemptions (compression could not free enough)"),
-    "keepkv_tokens_merged": ("worker", "tokens_merged", "Slots folded into survivors (all layers and heads)"),
+    "keepkv_entries_merged": (
+        "worker",
+        "entries_merged",
+        "Cache entries folded into survivors: one per slot, layer and kv-head",
+    ),
     "keepkv_saturated_elements": (
         "worker",
         "saturated_elements",

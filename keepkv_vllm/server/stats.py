@@ -13,7 +13,7 @@ def engine_core_stats(engine_core: Any) -> dict[str, Any]:
     scheduler = engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
     counters = getattr(scheduler, "counters", None)
-    config = getattr(scheduler, "kvc", None)
+    config = getattr(scheduler, "settings", None)
     return {
         "enabled": counters is not None,
         "config": config.model_dump() if config is not None else {"method": "none"},
@@ -44,7 +44,7 @@ def engine_core_request_stats(
 
     Keys are vLLM's internal request ids (the external id plus a ``-xxxxxxxx`` suffix).
     Each row: ``compressions`` and ``slots_removed`` (per head, from the scheduler) and
-    ``tokens_merged`` / ``tokens_removed`` (all layers and heads, from the workers).
+    ``entries_merged`` / ``entries_removed`` (one per slot, layer and kv-head, from the workers).
     A request that was never compressed has no row.
     """
     ledger = getattr(engine_core.scheduler, "request_ledger", None)
@@ -127,7 +127,7 @@ async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str
         _add(worker, {k: v for k, v in merged.items() if k not in PER_RANK or not worker})
         agree &= engine_agrees
         ranks.append(
-            [{k: r.get(k) for k in ("orders", "order_digest", "tokens_merged")} for r in engine_ranks]
+            [{k: r.get(k) for k in ("orders", "order_digest", "entries_merged")} for r in engine_ranks]
         )
     if not agree:
         logger.error("kv compression: tensor-parallel ranks ran different compression orders: %s", ranks)
