@@ -374,17 +374,8 @@ def _all_decoding(scheduler: Any, num_requests: int) -> bool:
     )
 
 
-def drive(
-    scheduler: Any,
-    requests: list[Any],
-    warmup: int,
-    steps: int,
-    low: float,
-    openers: Sequence[Any] = (),
-    profiler: cProfile.Profile | None = None,
-) -> list[dict[str, float]]:
-    """Run the ``openers`` to their end, prefill every request, run ``warmup`` decode steps,
-    then time ``steps`` decode steps."""
+def _reach_decode(scheduler: Any, requests: list[Any], warmup: int, openers: Sequence[Any]) -> None:
+    """Run the openers to their end, prefill every request, then ``warmup`` decode steps."""
     for request in openers:
         scheduler.add_request(request)
     for _ in range(64):
@@ -407,6 +398,20 @@ def drive(
         )
     for _ in range(warmup):
         _step(scheduler)
+
+
+def drive(
+    scheduler: Any,
+    requests: list[Any],
+    warmup: int,
+    steps: int,
+    low: float,
+    openers: Sequence[Any] = (),
+    profiler: cProfile.Profile | None = None,
+) -> list[dict[str, float]]:
+    """Run the ``openers`` to their end, prefill every request, run ``warmup`` decode steps,
+    then time ``steps`` decode steps."""
+    _reach_decode(scheduler, requests, warmup, openers)
     pool = scheduler.kv_cache_manager.block_pool
     counters = getattr(scheduler, "counters", None)
     probe = getattr(scheduler, "probe", None)
@@ -488,82 +493,50 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def run(
-    num_requests: int = 256,
-    steps: int = 50,
-    warmup: int = 3,
-    repeats: int = 3,
-    block_size: int = 128,
-    prompt_blocks: int = 1,
-    budget: float = 0.3,
-    watermark: float = 0.05,
-    window_memory: float | None = None,
-    quiet: bool = True,
-    profile: bool = False,
-    seed: int = 0,
+def _time_runs(
+    fresh: Any, repeats: int, warmup: int, steps: int, low: float, profiler: cProfile.Profile | None
 ) -> dict[str, Any]:
-    """Time stock vLLM's and KeepKV's scheduler steps on the same pressured workload.
-
-    ``window_memory=None`` gives every request a query-window row. With ``profile`` the result
-    also holds ``profile``: cProfile's top functions over the timed steps of one more KeepKV run
-    (not in the timings).
-    """
+    """``repeats`` fresh runs of stock, KeepKV and the instrumented KeepKV (and, with a
+    profiler, one more KeepKV run whose timings are left out): their per-step rows."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from keepkv_vllm.config import ADDITIONAL_CONFIG_KEY, parse_config
-    from keepkv_vllm.engine.memory import window_rows
     from keepkv_vllm.engine.scheduler import KeepKVScheduler
 
-    if num_requests < 1 or steps < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("num_requests, steps and repeats must be >= 1, warmup >= 0")
-    lengths = prompt_lengths(num_requests, block_size, prompt_blocks)
-    # nobody finishes while timed, and long enough to be worth a window row: a request is
-    # compressible if compressing could return a block at its longest (KeepKV's _could_compress)
-    max_tokens = max(warmup + steps + 2, 2 * block_size)
-    used = sum(math.ceil(n / block_size) for n in lengths)
-    total = math.ceil(used / (1.0 - watermark / 2))  # free after the prefill: half the watermark
-    num_blocks = total + 1  # plus vLLM's null block
-    low = watermark * total
+    out: dict[str, Any] = {"stock": [], "keepkv": [], "probed": [], "keepkv_compressions": 0}
+    out["preemptions"] = {"stock": 0, "keepkv": 0}
+    probed_cls, bias = _probed_class(), probe_bias_s()
+    for r in range(repeats):
+        stock, requests, openers = fresh(Scheduler, r)
+        out["stock"] += drive(stock, requests, warmup, steps, low, openers)
+        out["preemptions"]["stock"] += sum(q.num_preemptions for q in requests)
 
-    settings = _settings(watermark, window_memory or 0.5, budget)
-    vllm_config = build_vllm_config(num_requests, sum(lengths), settings, block_size)
-    if window_memory is None:
-        window_memory = window_memory_for(num_requests, vllm_config, num_blocks)
-        settings = _settings(watermark, window_memory, budget)
-        vllm_config.additional_config = {**vllm_config.additional_config, ADDITIONAL_CONFIG_KEY: settings}
-    kv_cache_config = build_kv_cache_config(vllm_config, num_blocks)
-    num_rows, _ = window_rows(parse_config(settings), vllm_config, kv_cache_config)
+        keepkv, requests, openers = fresh(KeepKVScheduler, r)
+        out["keepkv"] += drive(keepkv, requests, warmup, steps, low, openers)
+        out["preemptions"]["keepkv"] += keepkv.counters.preemptions
+        out["keepkv_compressions"] += keepkv.counters.compressions
 
-    def fresh(cls: type, r: int) -> tuple[Any, list[Any], list[Any]]:
-        openers = make_requests([OPENER_TOKENS] * NUM_OPENERS, 1, vllm_config, seed + r, "opener")
-        requests = make_requests(lengths, max_tokens, vllm_config, seed + r)
-        return make_scheduler(cls, vllm_config, num_blocks), requests, openers
+        probed, requests, openers = fresh(probed_cls, r)
+        out["probed"] += _drive_probed(probed, requests, warmup, steps, low, openers, bias)
+    if profiler is not None:
+        keepkv, requests, openers = fresh(KeepKVScheduler, 0)
+        drive(keepkv, requests, warmup, steps, low, openers, profiler)
+    return out
 
-    stock_rows: list[dict[str, float]] = []
-    keepkv_rows: list[dict[str, float]] = []
-    probed_rows: list[dict[str, float]] = []
-    preemptions = {"stock": 0, "keepkv": 0}
-    keepkv_compressions = 0
-    profiler = cProfile.Profile() if profile else None
-    probed_cls = _probed_class()
-    bias = probe_bias_s()
-    with _logging(quiet):
-        for r in range(repeats):
-            stock, requests, openers = fresh(Scheduler, r)
-            stock_rows += drive(stock, requests, warmup, steps, low, openers)
-            preemptions["stock"] += sum(q.num_preemptions for q in requests)
 
-            keepkv, requests, openers = fresh(KeepKVScheduler, r)
-            keepkv_rows += drive(keepkv, requests, warmup, steps, low, openers)
-            preemptions["keepkv"] += keepkv.counters.preemptions
-            keepkv_compressions += keepkv.counters.compressions
-
-            probed, requests, openers = fresh(probed_cls, r)
-            probed_rows += _drive_probed(probed, requests, warmup, steps, low, openers, bias)
-        if profiler is not None:  # one more KeepKV run, its timings left out
-            keepkv, requests, openers = fresh(KeepKVScheduler, 0)
-            drive(keepkv, requests, warmup, steps, low, openers, profiler)
-
+def _summary(
+    runs: dict[str, Any],
+    lengths: list[int],
+    num_requests: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    block_size: int,
+    num_blocks: int,
+    low: float,
+) -> dict[str, Any]:
+    """The result ``run`` returns, from the per-step rows of every run (a line per figure)."""
+    stock_rows, keepkv_rows, probed_rows = runs["stock"], runs["keepkv"], runs["probed"]
+    preemptions, keepkv_compressions = runs["preemptions"], runs["keepkv_compressions"]
     stock_ms = [row["ms"] for row in stock_rows]
     keepkv_ms = [row["ms"] for row in keepkv_rows]
     decision_ms = [row["decision_ms"] for row in probed_rows]
@@ -578,8 +551,6 @@ def run(
         "block_size": block_size,
         "num_blocks": num_blocks,
         "watermark_blocks": low,
-        "window_rows": num_rows,
-        "window_memory": window_memory,
         "prompt_tokens_min": min(lengths),
         "prompt_tokens_max": max(lengths),
         "stock_ms_median": statistics.median(stock_ms),
@@ -612,6 +583,62 @@ def run(
         "decision_within_budget": statistics.median(pressured_ms) <= DECISION_BUDGET_MS,
         "per_step": {"stock": stock_rows, "keepkv": keepkv_rows, "probed": probed_rows},
     }
+    return result
+
+
+def run(
+    num_requests: int = 256,
+    steps: int = 50,
+    warmup: int = 3,
+    repeats: int = 3,
+    block_size: int = 128,
+    prompt_blocks: int = 1,
+    budget: float = 0.3,
+    watermark: float = 0.05,
+    window_memory: float | None = None,
+    quiet: bool = True,
+    profile: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time stock vLLM's and KeepKV's scheduler steps on the same pressured workload.
+
+    ``window_memory=None`` gives every request a query-window row. With ``profile`` the result
+    also holds ``profile``: cProfile's top functions over the timed steps of one more KeepKV run
+    (not in the timings).
+    """
+    from keepkv_vllm.config import ADDITIONAL_CONFIG_KEY, parse_config
+    from keepkv_vllm.engine.memory import window_rows
+
+    if num_requests < 1 or steps < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("num_requests, steps and repeats must be >= 1, warmup >= 0")
+    lengths = prompt_lengths(num_requests, block_size, prompt_blocks)
+    # nobody finishes while timed, and long enough to be worth a window row: a request is
+    # compressible if compressing could return a block at its longest (KeepKV's _could_compress)
+    max_tokens = max(warmup + steps + 2, 2 * block_size)
+    used = sum(math.ceil(n / block_size) for n in lengths)
+    total = math.ceil(used / (1.0 - watermark / 2))  # free after the prefill: half the watermark
+    num_blocks = total + 1  # plus vLLM's null block
+    low = watermark * total
+
+    settings = _settings(watermark, window_memory or 0.5, budget)
+    vllm_config = build_vllm_config(num_requests, sum(lengths), settings, block_size)
+    if window_memory is None:
+        window_memory = window_memory_for(num_requests, vllm_config, num_blocks)
+        settings = _settings(watermark, window_memory, budget)
+        vllm_config.additional_config = {**vllm_config.additional_config, ADDITIONAL_CONFIG_KEY: settings}
+    kv_cache_config = build_kv_cache_config(vllm_config, num_blocks)
+    num_rows, _ = window_rows(parse_config(settings), vllm_config, kv_cache_config)
+
+    def fresh(cls: type, r: int) -> tuple[Any, list[Any], list[Any]]:
+        openers = make_requests([OPENER_TOKENS] * NUM_OPENERS, 1, vllm_config, seed + r, "opener")
+        requests = make_requests(lengths, max_tokens, vllm_config, seed + r)
+        return make_scheduler(cls, vllm_config, num_blocks), requests, openers
+
+    profiler = cProfile.Profile() if profile else None
+    with _logging(quiet):
+        runs = _time_runs(fresh, repeats, warmup, steps, low, profiler)
+    result = _summary(runs, lengths, num_requests, steps, warmup, repeats, block_size, num_blocks, low)
+    result.update(window_rows=num_rows, window_memory=window_memory)
     if profiler is not None:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)

@@ -59,9 +59,54 @@ def filled_cache(shape: Shape, num_blocks: int, dtype: torch.dtype, isa: str, se
     return paged
 
 
+def stock_decode(
+    paged: object,
+    query: torch.Tensor,
+    output: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    isa: str,
+) -> object:
+    """A call of vLLM's CPU decode attention over the paged cache (as its backend makes it)."""
+    from vllm import _custom_ops as ops
+
+    requests, heads, d = query.shape
+    starts = torch.arange(requests + 1, dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=requests,
+        num_heads=heads,
+        num_kv_heads=paged.num_heads,
+        head_dim=d,
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=starts,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=False,
+        dynamic_causal=None,
+        kv_cache_dtype="auto",
+    )
+    return lambda: ops.cpu_attention_with_kv_cache(
+        query=query,
+        key_cache=paged.key_cache,
+        value_cache=paged.value_cache,
+        output=output,
+        query_start_loc=starts,
+        seq_lens=seq_lens,
+        scale=d**-0.5,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=block_table,
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+    )
+
+
 def decode_step(shape: Shape, requests: int, slots: int, dtype: torch.dtype, repeats: int) -> dict:
     """Per layer: stock decode vs the voted decode path at the same KV length."""
-    from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl
@@ -72,49 +117,13 @@ def decode_step(shape: Shape, requests: int, slots: int, dtype: torch.dtype, rep
     per_request = -(-slots // bs)
     paged = filled_cache(shape, requests * per_request + 1, dtype, isa)
     block_table = torch.arange(1, requests * per_request + 1, dtype=torch.int32).view(requests, per_request)
-    starts = torch.arange(requests + 1, dtype=torch.int32)
     query = torch.randn(requests, shape.heads, d).to(dtype)
     output = torch.empty(requests, shape.heads, d, dtype=dtype)
-    scale = d**-0.5
-
-    def stock_kernel(seq_lens: torch.Tensor) -> object:
-        metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=requests,
-            num_heads=shape.heads,
-            num_kv_heads=shape.kv_heads,
-            head_dim=d,
-            seq_lens=seq_lens,
-            dtype=dtype,
-            query_start_loc=starts,
-            causal=True,
-            sliding_window_size=-1,
-            isa=isa,
-            enable_kv_split=False,
-            dynamic_causal=None,
-            kv_cache_dtype="auto",
-        )
-        return lambda: ops.cpu_attention_with_kv_cache(
-            query=query,
-            key_cache=paged.key_cache,
-            value_cache=paged.value_cache,
-            output=output,
-            query_start_loc=starts,
-            seq_lens=seq_lens,
-            scale=scale,
-            causal=True,
-            alibi_slopes=None,
-            sliding_window=-1,
-            block_table=block_table,
-            softcap=0.0,
-            scheduler_metadata=metadata,
-            s_aux=None,
-        )
-
-    full = torch.full((requests,), slots, dtype=torch.int32)
-    stock = stock_kernel(full)
-    valid = torch.arange(per_request * bs)[None, :] < full[:, None].long()
-    batch = VotedDecodeBatch(torch.arange(requests), block_table.long(), valid, full)
-    impl = SimpleNamespace(num_heads=shape.heads, scale=scale)
+    lens = torch.full((requests,), slots, dtype=torch.int32)
+    stock = stock_decode(paged, query, output, block_table, lens, isa)
+    valid = torch.arange(per_request * bs)[None, :] < lens[:, None].long()
+    batch = VotedDecodeBatch(torch.arange(requests), block_table.long(), valid, lens)
+    impl = SimpleNamespace(num_heads=shape.heads, scale=d**-0.5)
     impl._batched_decode = lambda *a: VoteCPUAttentionImpl._batched_decode(impl, *a)
     kernel = paged.vote_kernel
 

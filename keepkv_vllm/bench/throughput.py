@@ -464,18 +464,8 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["micro"]:  # per-layer costs, no server (bench/step.py)
-        from keepkv_vllm.bench import step
-
-        return step.main(argv[1:])
-    if argv[:1] == ["scheduler"]:  # the compression decision per step, no engine
-        from keepkv_vllm.bench import scheduler_overhead
-
-        return scheduler_overhead.main(argv[1:])
+def parser() -> argparse.ArgumentParser:
+    """keepkv-bench's flags (one declaration each: long, but nothing to split)."""
     p = argparse.ArgumentParser(prog="keepkv-bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M)")
     p.add_argument("--methods", nargs="+", default=["keepkv"])
@@ -536,7 +526,22 @@ def main(argv: list[str] | None = None) -> None:
         "--server-arg", action="append", default=[], help="extra `vllm serve` argument (repeatable)"
     )
     p.add_argument("--out", type=Path, default=Path("results/bench"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["micro"]:  # per-layer costs, no server (bench/step.py)
+        from keepkv_vllm.bench import step
+
+        return step.main(argv[1:])
+    if argv[:1] == ["scheduler"]:  # the compression decision per step, no engine
+        from keepkv_vllm.bench import scheduler_overhead
+
+        return scheduler_overhead.main(argv[1:])
+    args = parser().parse_args(argv)
     if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
         longest = MIX.longest if args.workload == "chat" else args.prompt_tokens + args.output_tokens
         args.max_model_len = longest + args.block_size

@@ -264,38 +264,21 @@ def _vote_kernel_agrees(
     """Self-check before serving: the native kernel against the torch vote path on a small
     random paged cache of this layout, written by vLLM's own op (3 requests, partial blocks,
     GQA 3, votes != 1). A mismatch keeps the torch path and says so."""
-    gen = torch.Generator().manual_seed(0)
-    heads, group, num_blocks = 2, 3, 7
-    kv = allocate_padded_cache(num_blocks, heads, block_size, head_dim, dtype, slot_major=False)
-    quant = KVQuant.for_cache(kv_cache_dtype)
-    paged = CPUPagedKV(kv, isa, kv_cache_dtype, quant, model_dtype)
-    source = model_dtype or dtype
-    data = [torch.randn(num_blocks * block_size, heads, head_dim, generator=gen).to(source) for _ in (0, 1)]
-    ops.cpu_attn_reshape_and_cache(
-        data[0],
-        data[1],
-        paged.key_cache,
-        paged.value_cache,
-        torch.arange(num_blocks * block_size),
-        isa,
-        1.0,
-        1.0,
-        kv_cache_dtype,
-    )
-    paged.log_votes.copy_(torch.rand(paged.log_votes.shape, generator=gen) * 3)
+    paged = _random_paged_cache(isa, block_size, head_dim, dtype, kv_cache_dtype, model_dtype)
+    block_index = torch.tensor([[1, 2], [3, 0], [6, 5]], dtype=torch.long)
+    seq_lens = torch.tensor([block_size + 3, 1, 2 * block_size], dtype=torch.int32)
+    query = torch.randn(3, paged.num_heads * 3, head_dim, generator=torch.Generator().manual_seed(1))
+    scale = head_dim**-0.5
     lib = cpu_vote_attention.load()
     assert lib is not None
     kernel = cpu_vote_attention.VoteDecodeKernel(
-        lib, kv, paged.key_layout[1], paged.value_layout[1], paged.log_votes, quant
+        lib, paged.kv_cache, paged.key_layout[1], paged.value_layout[1], paged.log_votes, paged.quant
     )
-    block_index = torch.tensor([[1, 2], [3, 0], [6, 5]], dtype=torch.long)
-    seq_lens = torch.tensor([block_size + 3, 1, 2 * block_size], dtype=torch.int32)
-    query = torch.randn(3, heads * group, head_dim, generator=gen)
-    scale = head_dim**-0.5
     got = torch.zeros_like(query)
     kernel(query, got, torch.arange(3), block_index, seq_lens, scale)
     keys, values = paged.gather_blocks(block_index)
     valid = torch.arange(2 * block_size)[None, :] < seq_lens[:, None].long()
+    quant = paged.quant
     want = batched_vote_decode(
         query,
         quant.dequantize(keys, quant.k_scale),
@@ -317,3 +300,26 @@ def _vote_kernel_agrees(
         )
         return False
     return True
+
+
+def _random_paged_cache(
+    isa: str,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str,
+    model_dtype: torch.dtype | None,
+) -> CPUPagedKV:
+    """7 blocks of 2 kv-heads of random K/V written by vLLM's own op, and random log-votes."""
+    gen = torch.Generator().manual_seed(0)
+    heads, num_blocks = 2, 7
+    kv = allocate_padded_cache(num_blocks, heads, block_size, head_dim, dtype, slot_major=False)
+    paged = CPUPagedKV(kv, isa, kv_cache_dtype, KVQuant.for_cache(kv_cache_dtype), model_dtype)
+    source = model_dtype or dtype
+    data = [torch.randn(num_blocks * block_size, heads, head_dim, generator=gen).to(source) for _ in (0, 1)]
+    slots = torch.arange(num_blocks * block_size)
+    ops.cpu_attn_reshape_and_cache(
+        data[0], data[1], paged.key_cache, paged.value_cache, slots, isa, 1.0, 1.0, kv_cache_dtype
+    )
+    paged.log_votes.copy_(torch.rand(paged.log_votes.shape, generator=gen) * 3)
+    return paged

@@ -58,13 +58,20 @@ def run_grid(spec: dict[str, Any], results_path: Path) -> None:
     The engine is configured with ``trigger="always"``; each request names its method and
     budget (``kv_method``, ``kv_budget``); full-cache requests turn compression off.
     """
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    llm = _engine(spec)
+    items = [EvalItem(**i) for i in spec["items"]]
+    _add_requests(llm.llm_engine, items, spec["methods"], spec["budgets"])
+    _collect(llm, items, results_path)
 
-    from keepkv_vllm.eval.forced import FORCED_TOKENS_KEY, ForcedTokensLogitsProcessor
+
+def _engine(spec: dict[str, Any]) -> Any:
+    """One offline vLLM engine for the whole grid."""
+    from vllm import LLM
+
+    from keepkv_vllm.eval.forced import ForcedTokensLogitsProcessor
 
     config = {"method": "keepkv", "budget": spec["budgets"][0], **spec["config"], "trigger": "always"}
-    llm = LLM(
+    return LLM(
         spec["model"],
         dtype=spec["dtype"],
         max_model_len=spec["max_model_len"],
@@ -77,11 +84,18 @@ def run_grid(spec: dict[str, Any], results_path: Path) -> None:
         seed=0,
         additional_config={"kv_compression": config},
     )
-    engine = llm.llm_engine
-    items = [EvalItem(**i) for i in spec["items"]]
+
+
+def _add_requests(engine: Any, items: list[EvalItem], methods: list[str], budgets: list[float]) -> None:
+    """Every item once per (method, budget), and once with compression off (the full cache)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from keepkv_vllm.eval.forced import FORCED_TOKENS_KEY
+
     for index, item in enumerate(items):
-        for method in spec["methods"]:
-            for budget in [None] if method == "none" else spec["budgets"]:
+        for method in methods:
+            for budget in [None] if method == "none" else budgets:
                 extra: dict[str, Any] = (
                     {"kv_compression": "off"}
                     if method == "none"
@@ -98,34 +112,43 @@ def run_grid(spec: dict[str, Any], results_path: Path) -> None:
                 )
                 prompt = TokensPrompt(prompt_token_ids=list(item.prompt_ids))
                 engine.add_request(f"{index}|{method}|{budget}", prompt, params)
+
+
+def _collect(llm: Any, items: list[EvalItem], results_path: Path) -> None:
+    """Step the engine to the end: a progress line per finished request, then every result
+    with the engine's own compression counters for it."""
+    engine = llm.llm_engine
     finished: list[dict[str, Any]] = []
     with open(results_path, "a", encoding="utf-8") as out:
         while engine.has_unfinished_requests():
             for o in engine.step():
-                if not o.finished:
-                    continue
-                index, method, budget = o.request_id.split("|")
-                c = o.outputs[0]
-                row = {
-                    "method": method,
-                    "budget": None if budget == "None" else float(budget),
-                    "item": int(index),
-                    "text": c.text,
-                    "completion_tokens": len(c.token_ids),
-                    "request_id": o.request_id,
-                }
-                if c.logprobs is not None:
-                    row["logprobs"] = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
-                    row["forced_ok"] = list(c.token_ids) == list(items[int(index)].forced_ids)
-                finished.append(row)
-                out.write(json.dumps({"progress": 1}) + "\n")
-                out.flush()
+                if o.finished:
+                    finished.append(_result_row(o, items))
+                    out.write(json.dumps({"progress": 1}) + "\n")
+                    out.flush()
         # vLLM appends "-<8 hex>" to the id a request was added with (its internal id)
         counters = {k.rsplit("-", 1)[0]: v for k, v in _request_counters(llm).items()}
         for row in finished:
             row["counters"] = counters.get(row.pop("request_id"), {})
             out.write(json.dumps({"result": row}) + "\n")
         out.flush()
+
+
+def _result_row(output: Any, items: list[EvalItem]) -> dict[str, Any]:
+    index, method, budget = output.request_id.split("|")
+    c = output.outputs[0]
+    row = {
+        "method": method,
+        "budget": None if budget == "None" else float(budget),
+        "item": int(index),
+        "text": c.text,
+        "completion_tokens": len(c.token_ids),
+        "request_id": output.request_id,
+    }
+    if c.logprobs is not None:
+        row["logprobs"] = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+        row["forced_ok"] = list(c.token_ids) == list(items[int(index)].forced_ids)
+    return row
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -229,12 +252,20 @@ def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
 def plots(
     rows: list[dict[str, Any]], table: list[dict[str, Any]], budgets: list[float], out_dir: Path
 ) -> list[Path]:
+    """score_vs_budget.png, and needle_heatmap.png when the grid has needle items."""
     import matplotlib
 
     matplotlib.use("Agg")
+    written = [_score_plot(table, budgets, out_dir / "score_vs_budget.png")]
+    needle = [r for r in rows if r["task"] == "needle"]
+    if needle:
+        written.append(_needle_heatmap(needle, budgets, out_dir / "needle_heatmap.png"))
+    return written
+
+
+def _score_plot(table: list[dict[str, Any]], budgets: list[float], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    written = []
     tasks = [t for t in TASKS if any(line["task"] == t for line in table)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=False):
@@ -254,45 +285,41 @@ def plots(
         ax.set_xticks(budgets)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = out_dir / "score_vs_budget.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
+    return path
 
-    needle = [r for r in rows if r["task"] == "needle"]
-    if needle:
-        lengths = sorted({r["meta"]["length"] for r in needle})
-        depths = sorted({r["meta"]["depth"] for r in needle})
-        configs = [("none", None)] + [(m, b) for m in METHODS[1:] for b in budgets]
-        configs = [c for c in configs if any((r["method"], r["budget"]) == c for r in needle)]
-        cols = len(budgets)
-        methods = [m for m in METHODS if any(r["method"] == m for r in needle)]
-        fig, axes = plt.subplots(len(methods), cols, figsize=(2.6 * cols, 2.1 * len(methods)), squeeze=False)
-        for i, method in enumerate(methods):
-            for j in range(cols):
-                ax = axes[i][j]
-                budget = None if method == "none" else budgets[j]
-                if method == "none" and j > 0:
-                    ax.axis("off")
-                    continue
-                grid = [[math.nan] * len(lengths) for _ in depths]
-                for r in needle:
-                    if r["method"] == method and r["budget"] == budget and r["valid"]:
-                        grid[depths.index(r["meta"]["depth"])][lengths.index(r["meta"]["length"])] = r[
-                            "score"
-                        ]
-                ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-                ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-                ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-                ax.set_title("full cache" if method == "none" else f"{method} {budget:.0%}", fontsize=8)
-        fig.supxlabel("context length (tokens)")
-        fig.supylabel("needle depth")
-        fig.tight_layout()
-        path = out_dir / "needle_heatmap.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
+
+def _needle_heatmap(needle: list[dict[str, Any]], budgets: list[float], path: Path) -> Path:
+    """One panel per (method, budget): score by needle depth and context length."""
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["meta"]["length"] for r in needle})
+    depths = sorted({r["meta"]["depth"] for r in needle})
+    cols = len(budgets)
+    methods = [m for m in METHODS if any(r["method"] == m for r in needle)]
+    fig, axes = plt.subplots(len(methods), cols, figsize=(2.6 * cols, 2.1 * len(methods)), squeeze=False)
+    for i, method in enumerate(methods):
+        for j in range(cols):
+            ax = axes[i][j]
+            budget = None if method == "none" else budgets[j]
+            if method == "none" and j > 0:
+                ax.axis("off")
+                continue
+            grid = [[math.nan] * len(lengths) for _ in depths]
+            for r in needle:
+                if r["method"] == method and r["budget"] == budget and r["valid"]:
+                    grid[depths.index(r["meta"]["depth"])][lengths.index(r["meta"]["length"])] = r["score"]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_title("full cache" if method == "none" else f"{method} {budget:.0%}", fontsize=8)
+    fig.supxlabel("context length (tokens)")
+    fig.supylabel("needle depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -411,6 +438,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
 
 
+def _grid(args: argparse.Namespace) -> Any:
+    """The task grid: quick or default, with any lengths, depths and seeds the command gives."""
+    grid = QUICK_GRID if args.quick else DEFAULT_GRID
+    if args.lengths:
+        grid = replace(grid, needle_lengths=tuple(args.lengths), ruler_lengths=tuple(args.lengths))
+    if args.depths:
+        grid = replace(grid, needle_depths=tuple(args.depths))
+    if args.seeds:
+        grid = replace(grid, ruler_seeds=args.seeds, ppl_seeds=args.seeds)
+    return grid
+
+
 def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """Run the grid; write eval.json, eval.md and the plots under ``args.out``."""
     from tqdm import tqdm
@@ -424,13 +463,7 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
     extra_config = load_config_arg(args.kv_compression_config)
     parse_config({"method": "keepkv", "budget": 0.3, **extra_config})  # fail fast on bad keys
     model = args.model or str(model_dir())
-    grid = QUICK_GRID if args.quick else DEFAULT_GRID
-    if args.lengths:
-        grid = replace(grid, needle_lengths=tuple(args.lengths), ruler_lengths=tuple(args.lengths))
-    if args.depths:
-        grid = replace(grid, needle_depths=tuple(args.depths))
-    if args.seeds:
-        grid = replace(grid, ruler_seeds=args.seeds, ppl_seeds=args.seeds)
+    grid = _grid(args)
     items = grid.build(TaskBuilder(AutoTokenizer.from_pretrained(model)), tuple(args.tasks))
     longest = max(len(i.prompt_ids) + i.max_tokens for i in items)
     if longest > args.max_model_len:

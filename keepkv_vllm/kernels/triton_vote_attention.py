@@ -76,6 +76,11 @@ def _vote_attention_kernel(
     UPCAST: tl.constexpr,
     FP8: tl.constexpr,
 ):
+    """One (sequence, query tile, kv-head x split) program: online softmax over its KV tiles.
+
+    (One function: a Triton kernel is the program each instance runs; a third of its length
+    is the argument list.)
+    """
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -266,6 +271,8 @@ def vote_paged_attention(
     log_votes: [num_blocks, H_kv, block_size] float32 log p (None: every vote 1, plain paged attention).
     block_table [num_seqs, max_blocks] int32; seq_lens [num_seqs] (slots incl. this step's);
     query_start_loc [num_seqs + 1]. ``max_query_len`` is a host int (no sync): 1 for decode.
+
+    (Long only for the kernel's argument list, one line per pointer, stride and constant.)
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
