@@ -1,7 +1,7 @@
 """Reliability under load and bad input: a bounded soak against the real server.
 
 One ``vllm serve --kv-compression keepkv`` on loopback with a KV pool so small that
-compression runs all the time. 520 requests with random prompt and output lengths, half
+compression runs all the time. 120 requests with random prompt and output lengths, half
 streamed, ~10 % of the streaming clients hanging up mid-stream, bad requests mixed in.
 Nothing may be lost (every kept request gets exactly its tokens), nothing leaked (the pool
 returns to all-free), no 5xx, and the engine's own counters must add up.
@@ -17,22 +17,26 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import CPU_FAST_BF16
 
-from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
 
 pytestmark = pytest.mark.slow
 
-NUM_REQUESTS = 520
+NUM_REQUESTS = 120  # ~5 min on 2 fp32 cores, about 65 compressions
 CONCURRENCY = 24
 POOL_BLOCKS = 20  # 2,560 slots: a handful of requests fill it, so compression never rests
-KV_BYTES_PER_TOKEN_BF16 = 23_040  # SmolLM2-135M: 30 layers x 3 kv-heads x 64 x (K, V) x 2 bytes
+# bf16 where the CPU runs it natively (about 3x faster than fp32 there, and that cache layout
+# gets covered); fp32 elsewhere, where emulated bf16 would make the soak take hours
+DTYPE = "bfloat16" if CPU_FAST_BF16 else "float32"
+KV_BYTES_PER_TOKEN = SMOLLM2_KV_BYTES_PER_TOKEN // (2 if CPU_FAST_BF16 else 1)
 LAYERS_X_KV_HEADS = 30 * 3
 PROMPT_RANGE = (32, 640)
 OUTPUT_RANGE = (1, 64)
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ARGS = [
     "--dtype",
-    "bfloat16",  # the soak is long: bf16 runs ~3x faster on this CPU, and covers that cache layout
+    DTYPE,
     "--max-model-len",
     "1024",
     "--enforce-eager",
@@ -43,7 +47,7 @@ ARGS = [
     "--gpu-memory-utilization",
     "0.3",
     "--kv-cache-memory-bytes",
-    str(POOL_BLOCKS * 128 * KV_BYTES_PER_TOKEN_BF16),
+    str(POOL_BLOCKS * 128 * KV_BYTES_PER_TOKEN),
     "--kv-compression",
     "keepkv",
     "--kv-compression-config",
@@ -193,7 +197,9 @@ def test_no_server_errors_and_bad_options_are_400(soak):
 def test_every_kept_request_gets_exactly_its_tokens(soak):
     plan, results, _ = soak
     done = [(s, r) for s, r in zip(plan, results, strict=True) if r["status"] == 200]
-    assert len(done) >= 0.8 * len(plan)
+    # every good request whose client stays connected completes
+    connected = {s["id"] for s in plan if not s["bad"] and s["hang_up_after"] is None}
+    assert connected <= {s["id"] for s, _ in done}
     for spec, r in done:
         assert r["tokens"] == spec["max_tokens"] and r["finish"] == "length", (spec["id"], r)
 
@@ -201,8 +207,9 @@ def test_every_kept_request_gets_exactly_its_tokens(soak):
 def test_nothing_leaks(soak):
     _, _, summary = soak
     kv, requests = summary["after"]["kv_cache"], summary["after"]["requests"]
-    # 3 query-window rows (3 x 552,960 bytes) out of the 58,982,400 given leave 19 bf16 pages of
-    # 30 x 99,840 bytes (votes in each): 18 usable beside vLLM's null block
+    # bf16: 3 query-window rows (3 x 552,960 bytes) out of the 58,982,400 given leave 19 pages of
+    # 30 x 99,840 bytes (votes in each); fp32 gives twice the bytes for pages twice the size:
+    # 18 usable beside vLLM's null block either way
     assert kv["free_blocks"] == kv["total_blocks"] == 19 - 1
     assert requests == {"running": 0, "waiting": 0, "compressed_running": 0}
     assert summary["cancelled"] >= 0.07 * NUM_REQUESTS
@@ -211,7 +218,7 @@ def test_nothing_leaks(soak):
 def test_compression_ran_constantly_and_the_counters_add_up(soak):
     _, _, summary = soak
     c, w = summary["after"]["counters"], summary["after"]["worker"]
-    assert c["compressions"] >= 100 and c["blocks_freed"] > 0
+    assert c["compressions"] >= 40 and c["blocks_freed"] > 0
     assert c["blocks_freed"] <= c["blocks_allocated"]
     # the worker removed exactly what the scheduler ordered, in every layer and kv-head
     assert w["entries_removed"] == c["slots_removed"] * LAYERS_X_KV_HEADS
