@@ -16,9 +16,6 @@ if not torch.cuda.is_available():
 # vLLM's CPU engine stores an fp8 KV cache only on x86 with AVX-512 or AMX (its
 # _get_attn_isa refuses the rest); machines of this project's kind come with and without it.
 CPU_FP8_KV = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
-# bf16 matmuls are native only with AVX-512-BF16 or AMX; elsewhere oneDNN emulates them, about
-# 70x slower than fp32 (measured on an AVX2 EPYC): long e2e runs pick fp32 there.
-CPU_FAST_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import CPU_FAST_BF16
 
 from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.eval.harness import default_dtype
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,9 @@ NUM_REQUESTS = 120  # ~5 min on 2 fp32 cores, about 65 compressions
 CONCURRENCY = 24
 POOL_BLOCKS = 20  # 2,560 slots: a handful of requests fill it, so compression never rests
 # bf16 where the CPU runs it natively (about 3x faster than fp32 there, and that cache layout
-# gets covered); fp32 elsewhere, where emulated bf16 would make the soak take hours
-DTYPE = "bfloat16" if CPU_FAST_BF16 else "float32"
-KV_BYTES_PER_TOKEN = SMOLLM2_KV_BYTES_PER_TOKEN // (2 if CPU_FAST_BF16 else 1)
+# gets covered); fp32 elsewhere, where emulated bf16 (~70x slower) would make the soak take hours
+DTYPE = default_dtype()
+KV_BYTES_PER_TOKEN = SMOLLM2_KV_BYTES_PER_TOKEN // (2 if DTYPE == "bfloat16" else 1)
 LAYERS_X_KV_HEADS = 30 * 3
 PROMPT_RANGE = (32, 640)
 OUTPUT_RANGE = (1, 64)
