@@ -5,6 +5,8 @@
 # HEALTHCHECK command. One line per check; exits non-zero on any failure.
 #
 #   bash deploy/test-image.sh            # needs podman (and debootstrap when the base is missing)
+#   bash deploy/test-image.sh build      # the two halves apart: CI builds while the tests run
+#   bash deploy/test-image.sh check      # (the build is mostly downloads and unpacking)
 #
 # Where no container registry is reachable (CI here), the base image python:3.11.7-slim-bookworm
 # is replaced by a stand-in of the same Debian release made with debootstrap, carrying this
@@ -22,6 +24,8 @@ work=$(mktemp -d)
 cleanup() { [[ -n "${index_pid:-}" ]] && kill "$index_pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 say() { echo "test-image: $*"; }
+PHASE=${1:-all}
+case "$PHASE" in all | build | check) ;; *) echo "usage: $0 [build|check]" >&2; exit 2 ;; esac
 
 stand_in_base() {
   local mirror root
@@ -51,28 +55,38 @@ torch_index() {
   build_args+=(--build-arg "TORCH_CPU_INDEX=http://127.0.0.1:$port/simple")
 }
 
-"${PODMAN[@]}" image exists "$BASE" || stand_in_base
-build_args=()
-torch_index
-start=$(date +%s)
-"${PODMAN[@]}" build --isolation chroot --network host --format docker -f deploy/Dockerfile.cpu \
-  "${build_args[@]}" -t "$IMAGE" . > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; say "FAIL build"; exit 1; }
-size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
-say "ok build: $(( $(date +%s) - start )) s, image $(( size / 1000000 )) MB"
+build_image() {
+  "${PODMAN[@]}" image exists "$BASE" || stand_in_base
+  build_args=()
+  torch_index
+  start=$(date +%s)
+  "${PODMAN[@]}" build --isolation chroot --network host --format docker -f deploy/Dockerfile.cpu \
+    "${build_args[@]}" -t "$IMAGE" . > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; say "FAIL build"; exit 1; }
+  size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
+  say "ok build: $(( $(date +%s) - start )) s, image $(( size / 1000000 )) MB"
+}
 
-# the image's own entrypoint, default command and healthcheck, as `docker run IMAGE` would use them
-mkdir -p "$work/checks"
-cp deploy/image_checks.py "$work/checks/"
-"${PODMAN[@]}" image inspect --format \
-  '{"entrypoint": {{json .Config.Entrypoint}}, "cmd": {{json .Config.Cmd}}, "healthcheck": {{json .Config.Healthcheck.Test}}}' \
-  "$IMAGE" > "$work/checks/image.json"
-printf 'FROM %s\nCOPY image_checks.py image.json /tmp/\nRUN .venv/bin/python /tmp/image_checks.py /tmp/image.json\n' \
-  "$IMAGE" > "$work/checks/Containerfile"
-"${PODMAN[@]}" build --isolation chroot --network host --no-cache "$work/checks" > "$work/run.log" 2>&1 || status=$?
-grep '^image-check:' "$work/run.log" | sed 's/^image-check: /test-image: /' || true
-if [[ "${status:-0}" != 0 ]]; then
-  tail -40 "$work/run.log"
-  say "FAIL serving checks"
-  exit 1
+check_image() {
+  # the image's own entrypoint, default command and healthcheck, as `docker run IMAGE` would use them
+  mkdir -p "$work/checks"
+  cp deploy/image_checks.py "$work/checks/"
+  "${PODMAN[@]}" image inspect --format \
+    '{"entrypoint": {{json .Config.Entrypoint}}, "cmd": {{json .Config.Cmd}}, "healthcheck": {{json .Config.Healthcheck.Test}}}' \
+    "$IMAGE" > "$work/checks/image.json"
+  printf 'FROM %s\nCOPY image_checks.py image.json /tmp/\nRUN .venv/bin/python /tmp/image_checks.py /tmp/image.json\n' \
+    "$IMAGE" > "$work/checks/Containerfile"
+  "${PODMAN[@]}" build --isolation chroot --network host --no-cache "$work/checks" > "$work/run.log" 2>&1 || status=$?
+  grep '^image-check:' "$work/run.log" | sed 's/^image-check: /test-image: /' || true
+  if [[ "${status:-0}" != 0 ]]; then
+    tail -40 "$work/run.log"
+    say "FAIL serving checks"
+    exit 1
+  fi
+  say "all checks passed"
+}
+
+if [[ "$PHASE" != check ]]; then build_image; fi
+if [[ "$PHASE" != build ]]; then
+  "${PODMAN[@]}" image exists "$IMAGE" || { say "FAIL no image $IMAGE: build it first"; exit 1; }
+  check_image
 fi
-say "all checks passed"

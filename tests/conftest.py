@@ -13,13 +13,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def bind_worker_cpus() -> None:
+    """Under pytest-xdist, this worker's vLLM engines compute on their own slice of the CPUs.
+
+    vLLM's CPU worker binds one OpenMP thread per core it is given; left to itself ("auto") it
+    binds every engine to the same cores (all but one kept for the scheduler: core 0 alone on
+    a 2-core machine), so engines of parallel test files would share them and leave the rest
+    idle. An explicit VLLM_CPU_OMP_THREADS_BIND (a test's own, or the user's) still wins.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cpus, index, workers = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    size = max(1, len(cpus) // workers)
+    start = (index * size) % len(cpus)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus[start : start + size]))
+
+
+bind_worker_cpus()
+
 # vLLM's CPU engine stores an fp8 KV cache only on x86 with AVX-512 or AMX (its
 # _get_attn_isa refuses the rest); machines of this project's kind come with and without it.
 CPU_FP8_KV = torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cpu_fp8_kv`` need vLLM's CPU fp8 cache: skipped, saying why, where it is absent."""
+    """Files with end-to-end (``slow``) tests run first, so parallel workers finish together on
+    the quick ones. Tests marked ``cpu_fp8_kv`` need vLLM's CPU fp8 cache: skipped, saying why,
+    where it is absent."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order stays
     if CPU_FP8_KV:
         return
     skip = pytest.mark.skip(reason="vLLM's CPU fp8 KV cache needs x86 AVX-512 or AMX; this CPU has neither")

@@ -14,7 +14,9 @@ schedule:
   fp8 slots with the layer's scales and compaction requantizes merged slots: the same
   compressions as the CPU backend's fp8 path. Tokens are not compared there: vLLM's CPU cache
   write truncates to fp8 where the Triton store (like CUDA's) rounds to nearest.
-Small on purpose: the interpreter runs every kernel program in Python.
+Small on purpose: the interpreter runs every kernel program in Python, so the engines serve
+SmolLM2-135M cut to its first ``LAYERS`` layers (its own trained weights; every engine here
+serves the same cut model, and a path comparison needs no more layers than a few).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ pytestmark = pytest.mark.slow
 
 HELPER = Path(__file__).with_name("helpers") / "offline_generate.py"
 BLOCK = 32  # the CPU kernels need a multiple of 32
+LAYERS = 4  # of 30: the interpreted kernels' cost is per layer
+POOL_BYTES = 48 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN // 30 * LAYERS  # 48 blocks of the cut model
 COMPRESSION = {"method": "keepkv", "trigger": "always", "budget": 48, "min_budget_tokens": 40}
 
 
@@ -53,15 +57,42 @@ def generate(spec: dict, **env: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def spec(needle_factory):
+def cut_model(tmp_path_factory) -> str:
+    """The bundled model's folder with only its first LAYERS decoder layers."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from keepkv_vllm.assets import model_dir
+
+    source, folder = model_dir(), tmp_path_factory.mktemp("smollm2-cut")
+    for item in source.iterdir():
+        if item.name not in ("config.json", "model.safetensors"):
+            (folder / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = LAYERS
+    (folder / "config.json").write_text(json.dumps(config))
+    kept = {f"model.layers.{i}." for i in range(LAYERS)}
+    with safe_open(str(source / "model.safetensors"), "pt") as weights:
+        tensors = {
+            name: weights.get_tensor(name)
+            for name in weights.keys()
+            if not name.startswith("model.layers.") or any(name.startswith(k) for k in kept)
+        }
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def spec(needle_factory, cut_model):
     prompts = [needle_factory.make(110 + 7 * i, 0.5, seed).token_ids for i, seed in enumerate((11, 12, 13))]
     return {
+        "model": cut_model,
         "prompts": [list(p) for p in prompts],
         "extra_args": [{}, {"kv_budget": 56}, {"kv_compression": "off"}],  # the last one is the witness
         "max_tokens": 8,
         "max_model_len": 256,
         "block_size": BLOCK,
-        "kv_cache_memory_bytes": 48 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN,
+        "kv_cache_memory_bytes": POOL_BYTES,
         "max_num_batched_tokens": 256,
         "enforce_eager": False,
     }
@@ -95,10 +126,8 @@ def test_an_uncompressed_request_matches_stock_vllm(runs):
 def test_the_gpu_layout_keeps_votes_and_window_inside_the_budget(runs):
     _, torch_path, flash = runs
     memory = flash["stats"]["worker"][0]
-    given = 48 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN
-    assert (
-        memory["memory_pool_bytes"] + memory["memory_window_bytes"] + memory["memory_scratch_bytes"] <= given
-    )
+    taken = memory["memory_pool_bytes"] + memory["memory_window_bytes"] + memory["memory_scratch_bytes"]
+    assert taken <= POOL_BYTES
     assert memory["memory_vote_bytes"] > 0 and memory["memory_scratch_bytes"] > 0
     assert torch_path["stats"]["worker"][0]["memory_scratch_bytes"] == 0  # the CPU path needs none
 

@@ -22,7 +22,7 @@ def main() -> None:
 
     compression = spec.get("kv_compression")
     llm = LLM(
-        str(model_dir()),
+        spec.get("model") or str(model_dir()),
         dtype="float32",
         max_model_len=spec["max_model_len"],
         block_size=spec["block_size"],
