@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 import pytest
 
@@ -139,3 +140,31 @@ def test_bad_cli_input_is_one_line_before_any_engine_starts(argv, message, capsy
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("keepkv-eval: error:") and message in err[-1]
+
+
+def test_intervals_match_their_definitions():
+    from keepkv_vllm.eval.intervals import perplexity_interval, wilson
+
+    low, high = wilson(12, 30)  # textbook value: 0.246 .. 0.577
+    assert (round(low, 3), round(high, 3)) == (0.246, 0.577)
+    assert wilson(0, 9)[0] == 0.0 and wilson(9, 9)[1] == 1.0
+    # two chunks of mean NLL 1 and 3: mean 2, standard error 1
+    low, high = perplexity_interval([[-1.0] * 16 + [-3.0] * 16])
+    assert low == pytest.approx(math.exp(2 - 1.959964)) and high == pytest.approx(math.exp(2 + 1.959964))
+    assert perplexity_interval([[-1.0] * 16]) is None  # one chunk: no spread to estimate
+
+
+def test_every_score_cell_shows_its_items_and_interval():
+    from keepkv_vllm.eval.harness import markdown
+
+    line = {"budget": 0.1, "valid": 30, "total": 30, "value": 40.0, "score_sum": 12, "interval": (24.6, 57.7)}
+    ppl = {"budget": 0.1, "valid": 2, "total": 2, "value": 18.02, "interval": (17.5, 18.6)}
+    md = markdown(
+        [
+            {**line, "method": "keepkv", "task": "needle"},
+            {**ppl, "method": "keepkv", "task": "perplexity"},
+        ],
+        [0.1],
+    )
+    assert "| needle | keepkv | **40 (12/30; 25–58)** |" in md
+    assert "| perplexity | keepkv | **18.02 (17.50–18.60)** |" in md

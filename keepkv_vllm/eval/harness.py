@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from keepkv_vllm.config import METHOD_NAMES
+from keepkv_vllm.eval.intervals import perplexity_interval, wilson
 from keepkv_vllm.eval.tasks import DEFAULT_GRID, QUICK_GRID, TASKS, EvalItem, TaskBuilder
 
 METHODS = METHOD_NAMES  # "none" (the full cache) first, then every registered method
@@ -188,19 +189,30 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "valid": len(valid),
             "total": len(group),
         }
-        if valid and task == "perplexity":
-            tokens = sum(len(r["logprobs"]) for r in valid)
-            line["value"] = math.exp(sum(r["nll"] for r in valid) / tokens)
-        elif valid:
-            line["value"] = 100.0 * sum(r["score"] for r in valid) / len(valid)
-        else:
-            line["value"] = None  # nothing valid: not scored
+        line["value"], line["interval"] = _value_and_interval(task, valid)
+        if task != "perplexity":
+            line["score_sum"] = sum(r["score"] for r in valid)
         merged = [r["counters"].get("entries_merged", 0) for r in valid]
         removed = [r["counters"].get("slots_removed", 0) for r in valid]
         line["mean_slots_removed"] = sum(removed) / len(valid) if valid else 0
         line["mean_entries_merged"] = sum(merged) / len(valid) if valid else 0
         table.append(line)
     return table
+
+
+def _value_and_interval(
+    task: str, valid: list[dict[str, Any]]
+) -> tuple[float | None, tuple[float, float] | None]:
+    """Perplexity or mean score in %, with its 95 % interval (None when nothing is valid)."""
+    if not valid:
+        return None, None
+    if task == "perplexity":
+        tokens = sum(len(r["logprobs"]) for r in valid)
+        value = math.exp(sum(r["nll"] for r in valid) / tokens)
+        return value, perplexity_interval([r["logprobs"] for r in valid])
+    successes = sum(r["score"] for r in valid)
+    low, high = wilson(successes, len(valid))
+    return 100.0 * successes / len(valid), (100.0 * low, 100.0 * high)
 
 
 # -- reports ------------------------------------------------------------------------------------
@@ -212,6 +224,17 @@ def _fmt(value: float | None, task: str) -> str:
     return f"{value:.2f}" if task == "perplexity" else f"{value:.0f}"
 
 
+def _cell(line: dict[str, Any], task: str) -> str:
+    """Score with what it rests on: items scored and the 95 % interval."""
+    text = _fmt(line["value"], task)
+    if line["value"] is None or line.get("interval") is None:
+        return text
+    low, high = (_fmt(v, task) for v in line["interval"])
+    if task == "perplexity":
+        return f"{text} ({low}–{high})"
+    return f"{text} ({line['score_sum']:g}/{line['valid']}; {low}–{high})"
+
+
 def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
     """Rows: task x method; columns: full cache, then each budget. Best compressed cell bold."""
     tasks = [t for t in TASKS if any(line["task"] == t for line in table)]
@@ -219,12 +242,14 @@ def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
     head = "| task | method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"
     out = [head, "|---|---|" + "---:|" * len(budgets)]
     for task in tasks:
-        unit = "perplexity (lower is better)" if task == "perplexity" else "score % (higher is better)"
+        unit = (
+            "perplexity (95 % interval over 16-token chunks), lower is better"
+            if task == "perplexity"
+            else "score % (items scored; 95 % Wilson interval), higher is better"
+        )
         full = cell.get(("none", None, task))
         if full is not None:
-            out.append(
-                f"| {task} | full cache | " + " | ".join([_fmt(full["value"], task)] * len(budgets)) + " |"
-            )
+            out.append(f"| {task} | full cache | " + " | ".join([_cell(full, task)] * len(budgets)) + " |")
         best: dict[float, float] = {}
         for b in budgets:
             vals = [ln["value"] for (m, bb, t), ln in cell.items() if t == task and bb == b and m != "none"]
@@ -237,7 +262,7 @@ def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
                 line = cell.get((method, b, task))
                 if line is None:
                     continue
-                text = _fmt(line["value"], task)
+                text = _cell(line, task)
                 if line["value"] is not None and line["value"] == best.get(b):
                     text = f"**{text}**"
                 if line["valid"] < line["total"]:

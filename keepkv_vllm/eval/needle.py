@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 QUESTION = "What is the secret passcode? Answer with the number only."
+NEEDLE_SENTENCE = " The secret passcode is {passcode}. "
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class NeedleFactory:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         rng = random.Random(seed)
         passcode = str(rng.randrange(10_000, 100_000))
-        needle = self.tokenizer(f" The secret passcode is {passcode}. ", add_special_tokens=False).input_ids
+        needle = self.tokenizer(NEEDLE_SENTENCE.format(passcode=passcode), add_special_tokens=False).input_ids
         before, after = self._template()
         body_len = length - len(before) - len(needle) - len(after)
         if body_len < 1:

@@ -31,6 +31,7 @@ the paper's selection.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -71,6 +72,17 @@ def nearest_by_cosine(sources: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         sim = torch.bmm(src[:, start : start + rows], tgt)
         best_sim[:, start : start + rows], best_idx[:, start : start + rows] = sim.max(dim=-1)
     return best_idx, best_sim
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """KeepKV's merge decision for one request-layer (per kv-head rows)."""
+
+    target: torch.Tensor  # [H, E] index into the heavy slots: each evicted slot's nearest
+    merge: torch.Tensor  # [H, E] bool: it merges there (else it is dropped)
+    heavy_weight: torch.Tensor  # [H, C] ZIP weight w_c / exp(shift) of each heavy slot
+    evicted_weight: torch.Tensor  # [H, E] ZIP weight of each evicted slot, 0 where dropped
+    shift: torch.Tensor  # [H, 1] log of the head's largest weight (taken out against overflow)
 
 
 def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -122,10 +134,8 @@ class KeepKV(KVCompressionMethod):
         # keep a hit's neighbours too (multi-token facts), as SnapKV does
         return pool_before_recent(ranking, self.pool_kernel, span.recent)
 
-    def merge(self, selection: Selection) -> CompressionResult:
-        """ZIP-merge every evicted slot into its most similar heavy slot, or drop it."""
-        if selection.heavy.shape[1] == 0:
-            return selection.survivors()
+    def merge_plan(self, selection: Selection) -> MergePlan:
+        """Where every evicted slot goes and with what ZIP weight (0 where it is dropped)."""
         dt = compute_dtype(selection.keys.dtype)
         k_heavy, k_evicted = (
             gather_slots(selection.keys.to(dt), i) for i in (selection.heavy, selection.evicted)
@@ -140,11 +150,26 @@ class KeepKV(KVCompressionMethod):
         shift = log_w.max(dim=1, keepdim=True).values
         w = (log_w - shift).exp()
         w_c, w_e = gather_slots(w, selection.heavy), gather_slots(w, selection.evicted) * merge
+        return MergePlan(target, merge, w_c, w_e, shift)
+
+    def merge(self, selection: Selection) -> CompressionResult:
+        """ZIP-merge every evicted slot into its most similar heavy slot, or drop it."""
+        if selection.heavy.shape[1] == 0:
+            return selection.survivors()
+        plan = self.merge_plan(selection)
+        target, w_c, w_e = plan.target, plan.heavy_weight, plan.evicted_weight
+        dt = w_c.dtype
+        k_heavy, k_evicted = (
+            gather_slots(selection.keys.to(dt), i) for i in (selection.heavy, selection.evicted)
+        )
+        v_heavy, v_evicted = (
+            gather_slots(selection.values.to(dt), i) for i in (selection.heavy, selection.evicted)
+        )
         total = w_c.scatter_add(1, target, w_e)
         k_r = scatter_rows(k_heavy * w_c[..., None], target, k_evicted * w_e[..., None]) / total[..., None]
         v_r = scatter_rows(v_heavy * w_c[..., None], target, v_evicted * w_e[..., None]) / total[..., None]
-        p_r = self._merged_votes(selection, k_r, total, shift, target, merge)
-        return self._assemble(selection, target, merge, k_r, v_r, p_r)
+        p_r = self._merged_votes(selection, k_r, total, plan.shift, target, plan.merge)
+        return self._assemble(selection, target, plan.merge, k_r, v_r, p_r)
 
     def _log_weights(self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """log(p_j * s_hat_j): each slot's vote-weighted mass under the window, the merge weights."""
