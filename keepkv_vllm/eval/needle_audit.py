@@ -188,10 +188,17 @@ def table(result: dict) -> str:
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in result["rows"]:
         groups.setdefault((r["variant"], r["budget"]), []).append(r)
-    keys = ("answer_error", "needle_mass_ratio", "needle_kept", "foreign_share")
+    keys = (
+        "answer_error",
+        "needle_kept",
+        "retrieval_heads",
+        "retrieval_kept",
+        "retrieval_mass_ratio",
+        "foreign_share",
+    )
     out = [
         "| variant | budget | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-        "|---|---:|" + "---:|" * 4,
+        "|---|---:|" + "---:|" * len(keys),
     ]
     for (variant, budget), rows in groups.items():
         cells = [f"{sum(r[k] for r in rows) / len(rows):.3f}" for k in keys]

@@ -36,6 +36,10 @@ VARIANTS["keepkv-sim0.9"] = ("keepkv", {"similarity_threshold": 0.9})
 VARIANTS["keepkv-nomerge"] = ("keepkv", {"similarity_threshold": 1.0})  # selection only
 VARIANTS["keepkv-v0.5"] = ("keepkv", {"value_threshold": 0.5})  # merge only similar values too
 VARIANTS["keepkv-v0.7"] = ("keepkv", {"value_threshold": 0.7})
+DEFAULT_VARIANTS = tuple(VARIANTS)  # the study's default set; the pooling widths are opt-in
+for _kernel in (7, 11, 15, 21):  # pooling width: a hit keeps more of its neighbours (multi-token facts)
+    VARIANTS[f"keepkv-pool{_kernel}"] = ("keepkv", {"pool_kernel": _kernel})
+    VARIANTS[f"snapkv-pool{_kernel}"] = ("snapkv", {"kernel_size": _kernel})
 
 
 def load_model(model_path: str | None = None) -> tuple[torch.nn.Module, object]:
@@ -109,7 +113,7 @@ def run(
     window: int = 16,
     budgets: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5),
     samples: int = 4,
-    variants: tuple[str, ...] = tuple(VARIANTS),
+    variants: tuple[str, ...] = DEFAULT_VARIANTS,
     model_path: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     p.add_argument("--model", default=None, help="HF model folder (default: the bundled SmolLM2)")
     p.add_argument("--out", type=Path, default=Path("results/perturbation"))
     args = p.parse_args(argv)
