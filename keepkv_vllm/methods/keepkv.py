@@ -19,9 +19,11 @@ Deviations from the authors' simulation (documented in docs/algorithms.md): merg
 are the heavy slots only, never sinks or recent slots, so those survive bit for bit and
 the recent window keeps describing the newest tokens; the selection score is vote-weighted
 (a slot of p votes stands for p tokens); and the selection score is max-pooled over
-``pool_kernel`` neighbouring slots before the top-k (SnapKV's clustering). Without pooling
-a fact spread over several tokens (a number is one token per digit in SmolLM2) loses
-digits: the needle test went from 0/4 to 3/4 at a 30% budget with pooling. Ranking by
+``pool_kernel`` neighbouring slots before the top-k (SnapKV's clustering, widened from its 7
+to 15). Without pooling a fact spread over several tokens (a number is one token per digit in
+SmolLM2) loses digits: the needle test went from 0/4 to 3/4 at a 30% budget with pooling; at
+10-20 % budgets a pool of 7 still lost the tail of the number in the heads that answer, and 15
+found 13/20 and 16/20 needles instead of 5/20 and 9/20 (docs/quality.md, "KeepKV at 10-20 %"). Ranking by
 probabilities rather than unnormalised mass lets every window query count equally (with
 mass, the query with the largest logits decides alone); on the engine needle test at 30%
 it kept a repeated digit that mass ranking dropped. The merge weights always use the
@@ -99,7 +101,7 @@ class KeepKV(KVCompressionMethod):
         similarity_threshold: float = 0.8,
         distance_weight: float = 1.2,
         vote_rule: Literal["exact", "count"] = "exact",
-        pool_kernel: int = 7,
+        pool_kernel: int = 15,
         selection: Literal["probability", "mass"] = "probability",
         value_threshold: float | None = None,
         **common: object,
