@@ -138,14 +138,33 @@ class KeepKV(KVCompressionMethod):
 
     def merge_plan(self, selection: Selection) -> MergePlan:
         """Where every evicted slot goes and with what ZIP weight (0 where it is dropped)."""
+        return self._plan(selection, self._gather(selection))
+
+    def merge(self, selection: Selection) -> CompressionResult:
+        """ZIP-merge every evicted slot into its most similar heavy slot, or drop it."""
+        if selection.heavy.shape[1] == 0:
+            return selection.survivors()
+        k_heavy, k_evicted, v_heavy, v_evicted = slots = self._gather(selection)
+        plan = self._plan(selection, slots)
+        target, w_c, w_e = plan.target, plan.heavy_weight, plan.evicted_weight
+        total = w_c.scatter_add(1, target, w_e)
+        k_r = scatter_rows(k_heavy * w_c[..., None], target, k_evicted * w_e[..., None]) / total[..., None]
+        v_r = scatter_rows(v_heavy * w_c[..., None], target, v_evicted * w_e[..., None]) / total[..., None]
+        p_r = self._merged_votes(selection, k_r, total, plan.shift, target, plan.merge)
+        return self._assemble(selection, target, plan.merge, k_r, v_r, p_r)
+
+    @staticmethod
+    def _gather(selection: Selection) -> tuple[torch.Tensor, ...]:
+        """Heavy and evicted keys, then heavy and evicted values, in the compute dtype."""
         dt = compute_dtype(selection.keys.dtype)
-        k_heavy, k_evicted = (
-            gather_slots(selection.keys.to(dt), i) for i in (selection.heavy, selection.evicted)
+        return tuple(
+            gather_slots(x.to(dt), i)
+            for x in (selection.keys, selection.values)
+            for i in (selection.heavy, selection.evicted)
         )
-        v_heavy, v_evicted = (
-            gather_slots(selection.values.to(dt), i) for i in (selection.heavy, selection.evicted)
-        )
-        target, merge = self._targets(k_heavy, k_evicted, v_heavy, v_evicted)
+
+    def _plan(self, selection: Selection, slots: tuple[torch.Tensor, ...]) -> MergePlan:
+        target, merge = self._targets(*slots)
         # weights relative to the head's largest, so exp() cannot overflow; the shift cancels
         # in the averages and is added back to the exact vote
         log_w = self._log_weights(selection.keys, selection.votes, selection.queries)
@@ -153,25 +172,6 @@ class KeepKV(KVCompressionMethod):
         w = (log_w - shift).exp()
         w_c, w_e = gather_slots(w, selection.heavy), gather_slots(w, selection.evicted) * merge
         return MergePlan(target, merge, w_c, w_e, shift)
-
-    def merge(self, selection: Selection) -> CompressionResult:
-        """ZIP-merge every evicted slot into its most similar heavy slot, or drop it."""
-        if selection.heavy.shape[1] == 0:
-            return selection.survivors()
-        plan = self.merge_plan(selection)
-        target, w_c, w_e = plan.target, plan.heavy_weight, plan.evicted_weight
-        dt = w_c.dtype
-        k_heavy, k_evicted = (
-            gather_slots(selection.keys.to(dt), i) for i in (selection.heavy, selection.evicted)
-        )
-        v_heavy, v_evicted = (
-            gather_slots(selection.values.to(dt), i) for i in (selection.heavy, selection.evicted)
-        )
-        total = w_c.scatter_add(1, target, w_e)
-        k_r = scatter_rows(k_heavy * w_c[..., None], target, k_evicted * w_e[..., None]) / total[..., None]
-        v_r = scatter_rows(v_heavy * w_c[..., None], target, v_evicted * w_e[..., None]) / total[..., None]
-        p_r = self._merged_votes(selection, k_r, total, plan.shift, target, plan.merge)
-        return self._assemble(selection, target, plan.merge, k_r, v_r, p_r)
 
     def _log_weights(self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """log(p_j * s_hat_j): each slot's vote-weighted mass under the window, the merge weights."""
