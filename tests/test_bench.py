@@ -141,3 +141,14 @@ def test_stacking_compares_fp8_compression_with_the_product_of_both_gains():
     rows[-1]["peak_running"] = 20
     assert "23.1: NOT met" in stacking(rows, requests=32)
     assert "0.9 x the smaller = 18.0: met" in stacking(rows, requests=20)  # the workload caps it
+
+
+def test_bytes_too_small_for_the_longest_request_are_refused_before_any_server_starts():
+    from keepkv_vllm.bench.throughput import check_pools, parser
+
+    args = parser().parse_args(["--kv-blocks", "24", "--max-model-len", "3008"])
+    args.kv_bytes_per_token = 46_080  # SmolLM2-135M in fp32
+    with pytest.raises(SystemExit, match=r"longest request needs 25 .*raise --kv-blocks to at least 2[6-9]"):
+        check_pools(args, window_memory=0.03)
+    args.kv_blocks = 30
+    check_pools(args, window_memory=0.03)  # 30 stock blocks, about 28 compressed: both hold 25

@@ -113,3 +113,16 @@ def test_method_options_belong_to_the_configured_method():
     assert config.method_kwargs()["similarity_threshold"] == 0.9
     assert "similarity_threshold" not in config.method_kwargs("h2o")  # per-request kv_method
     assert config.method_kwargs("h2o")["sink"] == config.sink
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 1 / 3, 0.7, 1.0, 200])
+def test_tokens_within_target_bounds_the_last_token_count_below_a_limit(budget):
+    """The scheduler skips re-ranking a request until this count: it may be early, never late."""
+    config = KVCompressionConfig(method="keepkv", budget=budget)
+    for limit in range(config.min_budget_tokens - 2, 1200, 7):
+        last = config.tokens_within_target(limit)
+        if last == math.inf:
+            assert all(config.target_tokens(n) <= limit for n in range(0, 20000, 97))
+            continue
+        exact = max((n for n in range(0, 13000) if config.target_tokens(n) <= limit), default=-1)
+        assert exact - 2 <= last <= exact, (limit, last, exact)

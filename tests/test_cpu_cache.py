@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -152,6 +153,30 @@ def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group)
     kernel(q16, rows16, torch.arange(3), block_index, lens_t, d**-0.5)
     kernel(q16.float(), rows32, torch.arange(3), block_index, lens_t, d**-0.5)
     assert torch.equal(rows16, rows32.bfloat16())
+
+
+def test_native_vote_kernel_softmax_is_exact_at_the_extremes():
+    """The kernel's own vectorised exp at its edges: slots whose log-vote is -inf (no weight)
+    and log-votes spread over +/-60 (weights far under float's range, where the exp flushes to
+    0), against dense float64 attention."""
+    from keepkv_vllm.attention.reference import vote_attention
+
+    h, d, group, bs = 2, 64, 3, 16
+    g = torch.Generator().manual_seed(11)
+    paged, blocks, keys, values = filled("vec", torch.float32, bs, nb=8, h=h, d=d, seed=11)
+    paged.prepare()
+    log_votes = torch.randn(paged.log_votes.shape, generator=g) * 30
+    log_votes[:, :, ::3] = -math.inf
+    paged.log_votes.copy_(log_votes)
+    n = keys.shape[1]
+    q = torch.randn(1, h * group, d, generator=g)
+    got = torch.zeros_like(q)
+    lens = torch.tensor([n], dtype=torch.int32)
+    paged.vote_kernel(q, got, torch.arange(1), blocks[None], lens, d**-0.5)
+    k, v = paged.gather(blocks, 0, n)
+    votes = paged.log_votes[blocks].permute(1, 0, 2).reshape(h, -1)[:, :n].double().exp()
+    want = vote_attention(q[0].view(h * group, 1, d).double(), k.double(), v.double(), votes, scale=d**-0.5)
+    torch.testing.assert_close(got[0], want[:, 0].float(), rtol=2e-5, atol=2e-5)
 
 
 def slots_of(pages: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:

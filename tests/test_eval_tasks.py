@@ -130,6 +130,11 @@ def test_rows_without_compression_are_invalid_and_not_scored():
         (["--kv-compression-config", '{"window": 64}'], "min_budget_tokens (64) must exceed sink + window"),
         (["--kv-compression-config", '{"window": 6'], "not valid JSON"),
         (["--kv-compression-config", '{"colour": 1}'], "colour"),
+        (
+            ["--methods", "keepkv", "snapkv", "--kv-compression-config", '{"method_options": {"recent": 9}}'],
+            "method_options in --kv-compression-config belong to one method",
+        ),
+        (["--methods", "snapkv", "--kv-compression-config", '{"method_options": {"pool": 9}}'], "pool"),
     ],
 )
 def test_bad_cli_input_is_one_line_before_any_engine_starts(argv, message, capsys):

@@ -43,11 +43,6 @@ class ChatMix:
             one(self.output_median, self.output_sigma, self.output_range),
         )
 
-    @property
-    def longest(self) -> int:
-        """The most tokens one request can hold (chat template and instruction included)."""
-        return self.prompt_range[1] + self.output_range[1] + 64
-
 
 def make_requests(tokenizer: object, text: str, count: int, seed: int, mix: ChatMix) -> list[dict]:
     """``count`` requests: {"prompt": excerpt + instruction, "output_tokens": n}, seeded."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -173,7 +174,8 @@ class ChatWorkload:
 
         self.args, self.model = args, model
         tokenizer = AutoTokenizer.from_pretrained(model)
-        self.requests = chat.make_requests(tokenizer, paul_graham_essays(), args.num_prompts, args.seed, MIX)
+        mix = chat_mix(args)
+        self.requests = chat.make_requests(tokenizer, paul_graham_essays(), args.num_prompts, args.seed, mix)
         self.dataset = chat.write_dataset(self.requests, args.out / "chat.jsonl")
         self.warm_up_set = chat.write_dataset(self.requests[:2], args.out / "chat-warm-up.jsonl")
         # what each request holds at its end (the chat template adds a few tokens)
@@ -207,8 +209,11 @@ class ChatWorkload:
         return observe(server, label, drive)
 
 
-#: the chat workload's length distributions (bench/chat.py)
-MIX = chat.ChatMix()
+def chat_mix(args: argparse.Namespace) -> chat.ChatMix:
+    """The chat workload's length distributions (bench/chat.py), medians from the command."""
+    return chat.ChatMix(prompt_median=args.chat_prompt_median, output_median=args.chat_output_median)
+
+
 WORKLOADS = {"needle": NeedleWorkload, "chat": ChatWorkload}
 
 
@@ -277,6 +282,25 @@ def server_args(
     ]
 
 
+def check_pools(args: argparse.Namespace, window_memory: float) -> None:
+    """Refuse, before any server starts, bytes whose pools cannot hold one request of
+    ``max_model_len`` tokens (vLLM would refuse at startup, after earlier servers have run).
+    The compressed server's pool is smaller: window rows (``window_memory`` of the bytes) and
+    the votes in its pages (float16 per slot and kv-head: under 1 % of a page) come out of it."""
+    need = -(-args.max_model_len // args.block_size) + 1  # plus vLLM's null block
+    bytes_per_block = kv_bytes(args, 1)
+    stock = args.kv_blocks
+    compressed = int(kv_bytes(args) * (1 - window_memory) / (bytes_per_block * 1.01))
+    if min(stock, compressed) < need:
+        enough = math.ceil((need * bytes_per_block * 1.01 + window_memory * kv_bytes(args)) / bytes_per_block)
+        raise SystemExit(
+            f"keepkv-bench: --kv-blocks {args.kv_blocks} gives pools of about {stock} (stock) and "
+            f"{compressed} (compressed: window rows and votes come out of the same bytes) blocks, "
+            f"but the longest request needs {need} ({args.max_model_len} tokens, --max-model-len): "
+            f"raise --kv-blocks to at least {enough}, or shorten the requests"
+        )
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     from keepkv_vllm.assets import model_dir
 
@@ -284,9 +308,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.kv_bytes_per_token is None:
         args.kv_bytes_per_token = model_kv_bytes_per_token(model, args.dtype)
     workload = WORKLOADS[args.workload](args, model)
+    if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
+        args.max_model_len = max(workload.lengths) + args.block_size
     window_memory = args.window_memory or window_memory_for(
         args.concurrency, model, args.dtype, kv_bytes(args)
     )
+    check_pools(args, window_memory)
     rows = []
     for kv_dtype in args.kv_cache_dtypes:
         rows += run_dtype(args, model, workload, kv_dtype, window_memory)
@@ -491,6 +518,12 @@ def parser() -> argparse.ArgumentParser:
         help="also run stock vLLM on a pool that holds the concurrency each budget reached",
     )
     p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument(
+        "--chat-prompt-median", type=int, default=384, help="chat workload: median prompt tokens (log-normal)"
+    )
+    p.add_argument(
+        "--chat-output-median", type=int, default=128, help="chat workload: median output tokens (log-normal)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=1535)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
@@ -514,7 +547,7 @@ def parser() -> argparse.ArgumentParser:
         help="vLLM --kv-cache-dtype of each set of servers (e.g. auto fp8); same bytes for all",
     )
     p.add_argument(
-        "--max-model-len", type=int, default=None, help="default: prompt + output tokens + a block"
+        "--max-model-len", type=int, default=None, help="default: the longest request's tokens + a block"
     )
     p.add_argument(
         "--enforce-eager",
@@ -542,9 +575,6 @@ def main(argv: list[str] | None = None) -> None:
 
         return scheduler_overhead.main(argv[1:])
     args = parser().parse_args(argv)
-    if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
-        longest = MIX.longest if args.workload == "chat" else args.prompt_tokens + args.output_tokens
-        args.max_model_len = longest + args.block_size
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
     (args.out / "bench.json").write_text(

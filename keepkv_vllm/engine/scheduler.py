@@ -20,6 +20,7 @@ Scheduler-side bookkeeping of a compression, all immediate:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -83,6 +84,7 @@ class KeepKVScheduler(Scheduler):
         self._step_tokens: dict[str, int] = {}
         self._compressed_ids: set[str] = set()
         self._request_options: dict[str, RequestOptions] = {}  # parsed once per request
+        self._reclaim_memo: dict[str, tuple[int, int, int, float]] = {}  # see _reclaimable
         # the query window: rows for as many requests as the memory plan allows (engine/memory.py);
         # a row's queries are valid from the first token computed after it was assigned
         num_rows, _ = window_rows(self.settings, self.vllm_config, self.kv_cache_config)
@@ -212,6 +214,7 @@ class KeepKVScheduler(Scheduler):
         if self.window_rows.assign(request.request_id) is None:
             self.counters.requests_without_window += 1
             return
+        self._reclaim_memo.pop(request.request_id, None)  # it may be eligible from now on
         # its first computed token: after the prefix-cache hits of this allocation
         hits = (args[0] if args else kwargs.get("num_new_computed_tokens", 0)) or 0
         external = kwargs.get("num_external_computed_tokens", 0) or 0
@@ -261,28 +264,60 @@ class KeepKVScheduler(Scheduler):
     def _reclaimable(self, request: Request) -> int:
         """Blocks a compression of this request would return now (0: not eligible).
 
-        Runs for every running request on every step under pressure: cheapest checks first."""
+        Runs for every running request on every step under pressure. For a request whose
+        blocks, window row and this step's tokens stay the same, the answer is a step function
+        of its computed tokens, so ``_reclaim_memo`` keeps it with the token count at which it
+        may change; until then it costs a few lookups. Compressing a request changes its blocks,
+        assigning a window row or freeing the request drops its entry."""
         req_id, computed = request.request_id, request.num_computed_tokens
         if request.status != RequestStatus.RUNNING or req_id in self._orders:
             return 0
-        if computed < request.num_prompt_tokens:
-            return 0  # still in prefill: its queries are not all seen
-        window_from = self._window_from.get(req_id)
-        if window_from is None or computed - window_from < self.settings.window:
-            return 0  # no window row, or fewer than W queries recorded in it
         held = len(self._blocks.req_to_blocks.get(req_id, ()))
+        step = self._step_tokens.get(req_id, 0)
+        known = self._reclaim_memo.get(req_id)
+        if known is not None and known[0] == held and known[1] == step and computed < known[3]:
+            return known[2]
+        reclaim, until = self._reclaim_now(request, held, step)
+        self._reclaim_memo[req_id] = (held, step, reclaim, until)
+        return reclaim
+
+    def _reclaim_now(self, request: Request, held: int, step: int) -> tuple[int, float]:
+        """``_reclaimable`` evaluated in full, cheapest checks first, and a lower bound on the
+        computed-token count at which it may change while ``held`` and ``step`` stay the same.
+
+        The bounds hold because, for a fixed block count, what moves is the computed tokens and
+        the slots (both up by one per token) and the target (up by at most one per token, never
+        down): eligibility, once reached, stays, and the blocks kept only grow."""
+        req_id, computed = request.request_id, request.num_computed_tokens
+        if computed < request.num_prompt_tokens:
+            return 0, request.num_prompt_tokens  # still in prefill: its queries are not all seen
+        window_from = self._window_from.get(req_id)
+        if window_from is None:
+            return 0, math.inf  # no window row (assigning one drops the memo)
+        if computed - window_from < self.settings.window:
+            return 0, window_from + self.settings.window  # fewer than W queries in its row
         if held <= self._min_blocks:
-            return 0  # every compression keeps at least this many blocks
-        target = self._target(request)
-        if target is None or computed - self.kv_offset.get(req_id, 0) <= target:
-            return 0
-        return max(held - cdiv(target + self._step_tokens.get(req_id, 0), self._block_size), 0)
+            return 0, math.inf  # every compression keeps at least this many blocks
+        options = self._options(request)
+        if not options.enabled:
+            return 0, math.inf
+        target = self.settings.target_tokens(computed, options.budget)
+        slots = computed - self.kv_offset.get(req_id, 0)
+        if slots <= target:
+            return 0, computed + target - slots + 1  # slots gain at most one on the target per token
+        keep = cdiv(target + step, self._block_size)
+        if held <= keep:
+            return 0, math.inf  # the blocks kept only grow
+        # the same until the target outgrows the kept blocks
+        last = self.settings.tokens_within_target(keep * self._block_size - step, options.budget)
+        return held - keep, last + 1
 
     def _candidates(self) -> Iterator[Request]:
-        ranked = sorted(((self._reclaimable(r), r) for r in self.running), key=lambda x: -x[0])
-        for reclaim, request in ranked:
-            if reclaim > 0:
-                yield request
+        """Running requests with blocks to return, most first (ties: the running order)."""
+        ranked = [(reclaim, r) for r in self.running if (reclaim := self._reclaimable(r)) > 0]
+        ranked.sort(key=lambda x: x[0], reverse=True)  # stable: equal reclaims keep their order
+        for _, request in ranked:
+            yield request
 
     def _compress(self, request: Request) -> bool:
         """Compress a running request to its target now: an order for the workers, its tail
@@ -379,6 +414,7 @@ class KeepKVScheduler(Scheduler):
         self._request_options.pop(request.request_id, None)
         self.window_rows.release(request.request_id)
         self._window_from.pop(request.request_id, None)
+        self._reclaim_memo.pop(request.request_id, None)
         if request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED):
             self._output_lengths.append(request.num_output_tokens)
         super()._free_request_blocks(request)

@@ -31,7 +31,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from keepkv_vllm.config import METHOD_NAMES
+from keepkv_vllm.config import METHOD_NAMES, ConfigError
 from keepkv_vllm.eval.intervals import perplexity_interval, wilson
 from keepkv_vllm.eval.tasks import DEFAULT_GRID, QUICK_GRID, TASKS, EvalItem, TaskBuilder
 
@@ -71,7 +71,8 @@ def _engine(spec: dict[str, Any]) -> Any:
 
     from keepkv_vllm.eval.forced import ForcedTokensLogitsProcessor
 
-    config = {"method": "keepkv", "budget": spec["budgets"][0], **spec["config"], "trigger": "always"}
+    config = {"budget": spec["budgets"][0], **spec["config"], "trigger": "always"}
+    config["method"] = spec["engine_method"]  # the one whose method_options apply (_engine_method)
     return LLM(
         spec["model"],
         dtype=spec["dtype"],
@@ -465,7 +466,6 @@ def main(argv: list[str] | None = None) -> None:
         spec_path, results_path = args._child
         run_grid(json.loads(Path(spec_path).read_text()), Path(results_path))
         return
-    from keepkv_vllm.config import ConfigError
 
     try:
         evaluate(args, argv)
@@ -485,6 +485,19 @@ def _grid(args: argparse.Namespace) -> Any:
     return grid
 
 
+def _engine_method(methods: list[str], extra_config: dict[str, Any]) -> str:
+    """The method the engine is configured with. Requests choose theirs per request, but
+    ``method_options`` reach only the configured one (a method chosen per request gets its
+    own defaults), so options are taken only with one compressed method to give them to."""
+    compressed = [m for m in methods if m != "none"]
+    if extra_config.get("method_options") and len(compressed) != 1:
+        raise ConfigError(
+            "method_options in --kv-compression-config belong to one method, and --methods gives "
+            f"{len(compressed)} compressed ({' '.join(compressed) or 'none'}): run one (plus none) per run"
+        )
+    return compressed[0] if compressed else "keepkv"
+
+
 def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
     """Run the grid; write eval.json, eval.md and the plots under ``args.out``."""
     from tqdm import tqdm
@@ -496,7 +509,8 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
     if args.budgets is None:
         args.budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
     extra_config = load_config_arg(args.kv_compression_config)
-    parse_config({"method": "keepkv", "budget": 0.3, **extra_config})  # fail fast on bad keys
+    engine_method = _engine_method(args.methods, extra_config)
+    parse_config({"method": engine_method, "budget": 0.3, **extra_config})  # fail fast on bad keys
     model = args.model or str(model_dir())
     grid = _grid(args)
     items = grid.build(TaskBuilder(AutoTokenizer.from_pretrained(model)), tuple(args.tasks))
@@ -517,6 +531,7 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
         "kv_cache_dtype": args.kv_cache_dtype,
         "max_num_seqs": args.max_num_seqs,
         "config": extra_config,
+        "engine_method": engine_method,
         "items": [asdict(i) for i in items],
     }
     start = time.perf_counter()
