@@ -84,7 +84,7 @@ class KeepKVScheduler(Scheduler):
         self._step_tokens: dict[str, int] = {}
         self._compressed_ids: set[str] = set()
         self._request_options: dict[str, RequestOptions] = {}  # parsed once per request
-        self._reclaim_memo: dict[str, tuple[int, int, int, float]] = {}  # see _reclaimable
+        self._reclaim_memo: dict[str, tuple[int, int, int, float, int]] = {}  # see _reclaimable
         # the query window: rows for as many requests as the memory plan allows (engine/memory.py);
         # a row's queries are valid from the first token computed after it was assigned
         num_rows, _ = window_rows(self.settings, self.vllm_config, self.kv_cache_config)
@@ -268,17 +268,18 @@ class KeepKVScheduler(Scheduler):
         blocks, window row and this step's tokens stay the same, the answer is a step function
         of its computed tokens, so ``_reclaim_memo`` keeps it with the token count at which it
         may change; until then it costs a few lookups. Compressing a request changes its blocks,
-        assigning a window row or freeing the request drops its entry."""
+        assigning a window row or freeing the request drops its entry; a token count outside
+        the range it was found for (below it too: never, without speculative decoding) misses."""
         req_id, computed = request.request_id, request.num_computed_tokens
         if request.status != RequestStatus.RUNNING or req_id in self._orders:
             return 0
         held = len(self._blocks.req_to_blocks.get(req_id, ()))
         step = self._step_tokens.get(req_id, 0)
         known = self._reclaim_memo.get(req_id)
-        if known is not None and known[0] == held and known[1] == step and computed < known[3]:
-            return known[2]
+        if known is not None and known[0] == held and known[1] == step and known[2] <= computed < known[3]:
+            return known[4]
         reclaim, until = self._reclaim_now(request, held, step)
-        self._reclaim_memo[req_id] = (held, step, reclaim, until)
+        self._reclaim_memo[req_id] = (held, step, computed, until, reclaim)
         return reclaim
 
     def _reclaim_now(self, request: Request, held: int, step: int) -> tuple[int, float]:
