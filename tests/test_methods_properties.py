@@ -30,7 +30,8 @@ def test_zip_merge_leaves_the_observed_query_output_unchanged(seed, h_kv, t, bud
         h_kv=h_kv, group=1, t=t, window=1, dtype=torch.float64, seed=seed, votes=votes
     )
     budget = max(8, int(budget_frac * t))
-    method = get_method("keepkv", similarity_threshold=-1.0, sink=2, recent=3)  # merge every evicted slot
+    # merge every evicted slot: no key test, no value gate
+    method = get_method("keepkv", similarity_threshold=-1.0, value_threshold=None, sink=2, recent=3)
     res = method.compress(keys, values, vts, queries, budget)
     assert (res.num_dropped == 0).all() and (res.num_merged == t - min(t, budget)).all()
     before = vote_attention(queries, keys, values, vts)
@@ -56,7 +57,7 @@ def test_count_vote_rule_conserves_total_vote_mass(seed, t, votes):
     keys, values, vts, queries = make_inputs(
         h_kv=3, group=2, t=t, dtype=torch.float64, seed=seed, votes=votes
     )
-    res = get_method("keepkv", similarity_threshold=-1.0, vote_rule="count").compress(
+    res = get_method("keepkv", similarity_threshold=-1.0, value_threshold=None, vote_rule="count").compress(
         keys, values, vts, queries, 24
     )
     torch.testing.assert_close(res.votes.sum(dim=1), vts.sum(dim=1), rtol=1e-12, atol=0)
@@ -99,7 +100,7 @@ def test_value_gate_merges_a_subset_of_what_the_key_test_admits():
         method = get_method("keepkv", similarity_threshold=0.0, **options)
         return method.compress(keys, values, vts, queries, 30)
 
-    full = run()
+    full = run(value_threshold=None)
     assert torch.equal(run(value_threshold=-1.0).keys, full.keys)  # an open gate changes nothing
     some = run(value_threshold=0.2)
     assert (0 < some.num_merged).all() and (some.num_merged < full.num_merged).all()

@@ -8,7 +8,8 @@ Per kv-head (docs/algorithms.md, "KeepKV"):
    the authors' unnormalised mass w_j = p_j * s_hat_j instead, where s_hat_j is the
    distance-weighted mean of exp(q.k_j/sqrt(d)) over the window queries;
 3. every evicted slot e goes to the heavy slot c whose key is most cosine-similar, if that
-   similarity >= ``similarity_threshold``; otherwise it is dropped;
+   similarity >= ``similarity_threshold`` and their values' similarity >= ``value_threshold``
+   (default 0.5; None: keys alone, as the paper); otherwise it is dropped;
 4. ZIP merge of each group M = {c} + {e -> c}:
        k_r = sum_M w_j k_j / sum_M w_j,  v_r = sum_M w_j v_j / sum_M w_j
        exact vote (default):  p_r = sum_M w_j / s_hat(k_r)   so p_r s_r = sum_M p_j s_j
@@ -28,7 +29,11 @@ probabilities rather than unnormalised mass lets every window query count equall
 mass, the query with the largest logits decides alone); on the engine needle test at 30%
 it kept a repeated digit that mass ranking dropped. The merge weights always use the
 unpooled mass, which the ZIP equations need. ``pool_kernel=1, selection="mass"`` restores
-the paper's selection.
+the paper's selection. The value gate (not in the paper) keeps a kept slot from absorbing
+tokens of other content: ZIP keeps the output for the observed queries, but a later query that
+copies the kept token (a digit of a number) reads the blend; with it KeepKV found 27/30 and
+29/30 needles at 10/20 % instead of 22/30 and 25/30, perplexity within noise
+(docs/quality.md, "The grid with the pool of 15"). ``value_threshold=None`` restores the paper's merge.
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ class KeepKV(KVCompressionMethod):
         vote_rule: Literal["exact", "count"] = "exact",
         pool_kernel: int = 15,
         selection: Literal["probability", "mass"] = "probability",
-        value_threshold: float | None = None,
+        value_threshold: float | None = 0.5,
         **common: object,
     ) -> None:
         super().__init__(**common)  # type: ignore[arg-type]
@@ -184,7 +189,7 @@ class KeepKV(KVCompressionMethod):
         """Each evicted slot's heavy slot (nearest key by cosine) and whether it merges there."""
         target, sim = nearest_by_cosine(k_evicted, k_heavy)
         merge = sim >= self.similarity_threshold  # [H, E]
-        if self.value_threshold is not None:  # also require similar values (experimental)
+        if self.value_threshold is not None:  # also require similar values: content is not blended
             v_sim = F.cosine_similarity(v_evicted, gather_slots(v_heavy, target), dim=-1)
             merge &= v_sim >= self.value_threshold
         return target, merge
