@@ -156,9 +156,9 @@ def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group)
 
 
 def test_native_vote_kernel_softmax_is_exact_at_the_extremes():
-    """The kernel's own vectorised exp at its edges: slots whose log-vote is -inf (no weight)
-    and log-votes spread over +/-60 (weights far under float's range, where the exp flushes to
-    0), against dense float64 attention."""
+    """The kernel's online softmax at its edges: slots whose log-vote is -inf (no weight) and
+    log-votes spread over +/-60 (weights far under float's range), against dense float64
+    attention."""
     from keepkv_vllm.attention.reference import vote_attention
 
     h, d, group, bs = 2, 64, 3, 16

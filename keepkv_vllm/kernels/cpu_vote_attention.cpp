@@ -110,38 +110,9 @@ float query_at(const VoteDecodeArgs& a, const void* row, int64_t i) {
   }
 }
 
-// the block's first n log-votes as floats (the kind is tested once, so the loops vectorise)
-void read_votes(const VoteDecodeArgs& a, const void* base, float* out, int64_t n) {
-  if (a.vote_kind == 0) {
-    std::memcpy(out, base, n * sizeof(float));
-  } else {
-    const auto* h = static_cast<const uint16_t*>(base);
-    for (int64_t t = 0; t < n; ++t) out[t] = f16_to_float(h[t]);
-  }
-}
-
-// e^x for the softmax's x <= 0 (logits minus their running max), in a form the compiler
-// vectorises (std::exp is a scalar libm call per slot without -ffast-math, which we avoid: it
-// would also assume no infinities, and -inf marks empty slots). Round x / ln 2 to n, then
-// e^x = 2^n e^r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
-// < 2e-7, about one float ulp), 2^n written into the exponent bits. x below -87 (under float's
-// normal range, e^x < 2e-38; -inf included) gives exactly 0.
-inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, as written
-  const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
-  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2, hi + lo
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.0f ? 0.0f : p * scale;
+float vote_at(const VoteDecodeArgs& a, const void* base, int64_t t) {
+  return a.vote_kind == 0 ? static_cast<const float*>(base)[t]
+                          : f16_to_float(static_cast<const uint16_t*>(base)[t]);
 }
 
 // s[g][t] = q[g] . K[t] for the block's first n slots (q already scaled)
@@ -212,7 +183,7 @@ void block_values(const VoteDecodeArgs& a, const typename E::T* value, const flo
 // One (request, kv-head): all its query heads over all its slots, online softmax over blocks.
 template <class E>
 void decode_one(const VoteDecodeArgs& a, int64_t r, int64_t h, float* q, float* s, float* acc, float* m,
-                float* l, float* vote) {
+                float* l) {
   const int64_t G = a.group, d = a.head_dim, bs = a.block_size;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t row = a.row_index[r], first = h * G * d;
@@ -232,13 +203,11 @@ void decode_one(const VoteDecodeArgs& a, int64_t r, int64_t h, float* q, float* 
     const void* votes =
         static_cast<const char*>(a.votes) + (b * a.vote_block_stride + h * a.vote_head_stride) * vote_size;
     block_logits<E>(a, region + a.key_start, q, s, n);
-    read_votes(a, votes, vote, n);
     for (int64_t g = 0; g < G; ++g) {
       float* sg = s + g * bs;
       float block_max = neg_inf;
-#pragma omp simd reduction(max : block_max)
       for (int64_t t = 0; t < n; ++t) {
-        sg[t] += vote[t];
+        sg[t] += vote_at(a, votes, t);
         block_max = sg[t] > block_max ? sg[t] : block_max;
       }
       const float m_new = block_max > m[g] ? block_max : m[g];
@@ -248,9 +217,8 @@ void decode_one(const VoteDecodeArgs& a, int64_t r, int64_t h, float* q, float* 
       }
       const float alpha = std::exp(m[g] - m_new);  // 0 on the first block (m = -inf)
       float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {
-        sg[t] = exp_nonpositive(sg[t] - m_new);
+        sg[t] = std::exp(sg[t] - m_new);
         sum += sg[t];
       }
       l[g] = l[g] * alpha + sum;
@@ -283,16 +251,15 @@ void decode_all(const VoteDecodeArgs& a) {
 #pragma omp parallel if (parallel)
   {
     // per-thread workspace: scaled queries, logits/probabilities of one block, accumulators
-    std::vector<float> work(a.group * (a.head_dim * 2 + a.block_size + 2) + a.block_size);
+    std::vector<float> work(a.group * (a.head_dim * 2 + a.block_size + 2));
     float* q = work.data();
     float* acc = q + a.group * a.head_dim;
     float* s = acc + a.group * a.head_dim;
     float* m = s + a.group * a.block_size;
     float* l = m + a.group;
-    float* vote = l + a.group;  // one block's log-votes
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task)
-      decode_one<E>(a, task / a.num_kv_heads, task % a.num_kv_heads, q, s, acc, m, l, vote);
+      decode_one<E>(a, task / a.num_kv_heads, task % a.num_kv_heads, q, s, acc, m, l);
   }
 }
 
