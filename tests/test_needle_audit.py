@@ -33,7 +33,8 @@ def test_an_uncompressed_cache_changes_nothing():
 def test_eviction_merges_nothing_and_keepkv_reports_where_its_merges_come_from():
     snap = audit_layer(layer(), 120, 8, get_method("snapkv"), 40, list(range(60, 65)), list(range(58, 66)))
     assert snap["foreign_share"] == 0.0 and snap["answer_error"] > 0
-    merge_all = get_method("keepkv", similarity_threshold=-1.0)  # every evicted slot merges
+    # every evicted slot merges: no key test, no value gate
+    merge_all = get_method("keepkv", similarity_threshold=-1.0, value_threshold=None)
     needle = list(range(60, 65))
     outside = audit_layer(layer(), 120, 8, merge_all, 40, needle, sentence=[])
     inside = audit_layer(layer(), 120, 8, merge_all, 40, needle, sentence=list(range(120)))

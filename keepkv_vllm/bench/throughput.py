@@ -116,6 +116,7 @@ class NeedleWorkload:
             factory.make(args.prompt_tokens, args.depth, args.seed + i) for i in range(args.num_prompts)
         ]
         self.lengths = [args.prompt_tokens + args.output_tokens] * args.num_prompts
+        self.longest = args.prompt_tokens + args.output_tokens
 
     def measure(self, server: ServerProcess, label: str, xargs: dict | None, warm_up: bool = False) -> dict:
         from tqdm import tqdm
@@ -175,6 +176,8 @@ class ChatWorkload:
         self.args, self.model = args, model
         tokenizer = AutoTokenizer.from_pretrained(model)
         mix = chat_mix(args)
+        # the mix's cap, not the longest drawn request: vLLM's client tokenizes the prompts itself
+        self.longest = mix.prompt_range[1] + mix.output_range[1] + 64  # chat template and instruction
         self.requests = chat.make_requests(tokenizer, paul_graham_essays(), args.num_prompts, args.seed, mix)
         self.dataset = chat.write_dataset(self.requests, args.out / "chat.jsonl")
         self.warm_up_set = chat.write_dataset(self.requests[:2], args.out / "chat-warm-up.jsonl")
@@ -309,7 +312,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         args.kv_bytes_per_token = model_kv_bytes_per_token(model, args.dtype)
     workload = WORKLOADS[args.workload](args, model)
     if args.max_model_len is None:  # vLLM refuses a max length one request cannot fit in the pool
-        args.max_model_len = max(workload.lengths) + args.block_size
+        args.max_model_len = workload.longest + args.block_size
     window_memory = args.window_memory or window_memory_for(
         args.concurrency, model, args.dtype, kv_bytes(args)
     )
@@ -547,7 +550,10 @@ def parser() -> argparse.ArgumentParser:
         help="vLLM --kv-cache-dtype of each set of servers (e.g. auto fp8); same bytes for all",
     )
     p.add_argument(
-        "--max-model-len", type=int, default=None, help="default: the longest request's tokens + a block"
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="default: the longest request's tokens (chat: the mix's cap) + a block",
     )
     p.add_argument(
         "--enforce-eager",
