@@ -119,13 +119,23 @@ def test_batched_voted_decode_equals_the_per_request_path(native):
         torch.testing.assert_close(rows[batch.token_index[i]], want, rtol=1e-5, atol=1e-5)
 
 
+def dense_vote_row(paged: CPUPagedKV, query: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """Dense float64 vote-weighted attention of one decode row [H_q, d] over a request's first
+    ``length`` paged slots (keys, values and log-votes read back from the pages), as float32."""
+    from keepkv_vllm.attention.reference import vote_attention
+
+    k, v = paged.gather(blocks, 0, length)
+    h, d = k.shape[0], k.shape[-1]
+    votes = paged.log_votes[blocks].permute(1, 0, 2).reshape(h, -1)[:, :length].double().exp()
+    want = vote_attention(query.view(-1, 1, d).double(), k.double(), v.double(), votes, scale=d**-0.5)
+    return want[:, 0].float()
+
+
 @pytest.mark.parametrize("isa, dtype, bs", CASES + [("vec", torch.float32, 32)])
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group):
     """The kernel reads vLLM's packed pages in place: every layout, partial blocks, a request
     of one slot, GQA groups, votes far from 1, against dense float64 attention."""
-    from keepkv_vllm.attention.reference import vote_attention
-
     h, d = 2, 64
     g = torch.Generator().manual_seed(group)
     paged, blocks, keys, values = filled(isa, dtype, bs, nb=8, h=h, d=d, seed=group)
@@ -141,11 +151,8 @@ def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group)
     got = torch.zeros_like(q)
     kernel(q, got, torch.arange(3), block_index, torch.tensor(lens, dtype=torch.int32), d**-0.5)
     for i, length in enumerate(lens):
-        k, v = paged.gather(block_index[i], 0, length)
-        votes = paged.log_votes[block_index[i]].permute(1, 0, 2).reshape(h, -1)[:, :length].double().exp()
-        query = q[i].view(h * group, 1, d).double()
-        want = vote_attention(query, k.double(), v.double(), votes, scale=d**-0.5)
-        torch.testing.assert_close(got[i], want[:, 0].float(), rtol=2e-5, atol=2e-5)
+        want = dense_vote_row(paged, q[i], block_index[i], length)
+        torch.testing.assert_close(got[i], want, rtol=2e-5, atol=2e-5)
     # bfloat16 queries and output rows (a bf16 model): read and written in place, rounded as torch rounds
     q16, rows32 = q.bfloat16(), torch.zeros_like(q)
     rows16 = torch.zeros(3, h * group, d, dtype=torch.bfloat16)
@@ -159,8 +166,6 @@ def test_native_vote_kernel_softmax_is_exact_at_the_extremes():
     """The kernel's online softmax at its edges: slots whose log-vote is -inf (no weight) and
     log-votes spread over +/-60 (weights far under float's range), against dense float64
     attention."""
-    from keepkv_vllm.attention.reference import vote_attention
-
     h, d, group, bs = 2, 64, 3, 16
     g = torch.Generator().manual_seed(11)
     paged, blocks, keys, values = filled("vec", torch.float32, bs, nb=8, h=h, d=d, seed=11)
@@ -173,10 +178,7 @@ def test_native_vote_kernel_softmax_is_exact_at_the_extremes():
     got = torch.zeros_like(q)
     lens = torch.tensor([n], dtype=torch.int32)
     paged.vote_kernel(q, got, torch.arange(1), blocks[None], lens, d**-0.5)
-    k, v = paged.gather(blocks, 0, n)
-    votes = paged.log_votes[blocks].permute(1, 0, 2).reshape(h, -1)[:, :n].double().exp()
-    want = vote_attention(q[0].view(h * group, 1, d).double(), k.double(), v.double(), votes, scale=d**-0.5)
-    torch.testing.assert_close(got[0], want[:, 0].float(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got[0], dense_vote_row(paged, q[0], blocks, n), rtol=2e-5, atol=2e-5)
 
 
 def slots_of(pages: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:

@@ -116,7 +116,7 @@ class NeedleWorkload:
             factory.make(args.prompt_tokens, args.depth, args.seed + i) for i in range(args.num_prompts)
         ]
         self.lengths = [args.prompt_tokens + args.output_tokens] * args.num_prompts
-        self.longest = args.prompt_tokens + args.output_tokens
+        self.longest = max(self.lengths)
 
     def measure(self, server: ServerProcess, label: str, xargs: dict | None, warm_up: bool = False) -> dict:
         from tqdm import tqdm
@@ -291,11 +291,11 @@ def check_pools(args: argparse.Namespace, window_memory: float) -> None:
     The compressed server's pool is smaller: window rows (``window_memory`` of the bytes) and
     the votes in its pages (float16 per slot and kv-head: under 1 % of a page) come out of it."""
     need = -(-args.max_model_len // args.block_size) + 1  # plus vLLM's null block
-    bytes_per_block = kv_bytes(args, 1)
+    bytes_per_block, total = kv_bytes(args, 1), kv_bytes(args)
     stock = args.kv_blocks
-    compressed = int(kv_bytes(args) * (1 - window_memory) / (bytes_per_block * 1.01))
+    compressed = int(total * (1 - window_memory) / (bytes_per_block * 1.01))
     if min(stock, compressed) < need:
-        enough = math.ceil((need * bytes_per_block * 1.01 + window_memory * kv_bytes(args)) / bytes_per_block)
+        enough = math.ceil((need * bytes_per_block * 1.01 + window_memory * total) / bytes_per_block)
         raise SystemExit(
             f"keepkv-bench: --kv-blocks {args.kv_blocks} gives pools of about {stock} (stock) and "
             f"{compressed} (compressed: window rows and votes come out of the same bytes) blocks, "

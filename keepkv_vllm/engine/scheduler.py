@@ -299,10 +299,9 @@ class KeepKVScheduler(Scheduler):
             return 0, window_from + self.settings.window  # fewer than W queries in its row
         if held <= self._min_blocks:
             return 0, math.inf  # every compression keeps at least this many blocks
-        options = self._options(request)
-        if not options.enabled:
-            return 0, math.inf
-        target = self.settings.target_tokens(computed, options.budget)
+        target = self._target(request)
+        if target is None:
+            return 0, math.inf  # opted out
         slots = computed - self.kv_offset.get(req_id, 0)
         if slots <= target:
             return 0, computed + target - slots + 1  # slots gain at most one on the target per token
@@ -310,7 +309,8 @@ class KeepKVScheduler(Scheduler):
         if held <= keep:
             return 0, math.inf  # the blocks kept only grow
         # the same until the target outgrows the kept blocks
-        last = self.settings.tokens_within_target(keep * self._block_size - step, options.budget)
+        budget = self._options(request).budget
+        last = self.settings.tokens_within_target(keep * self._block_size - step, budget)
         return held - keep, last + 1
 
     def _candidates(self) -> Iterator[Request]:

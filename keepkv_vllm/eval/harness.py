@@ -495,7 +495,7 @@ def _engine_method(methods: list[str], extra_config: dict[str, Any]) -> str:
             "method_options in --kv-compression-config belong to one method, and --methods gives "
             f"{len(compressed)} compressed ({' '.join(compressed) or 'none'}): run one (plus none) per run"
         )
-    return compressed[0] if compressed else "keepkv"
+    return extra_config.get("method") or (compressed[0] if compressed else "keepkv")
 
 
 def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
