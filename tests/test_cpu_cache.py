@@ -132,10 +132,11 @@ def dense_vote_row(paged: CPUPagedKV, query: torch.Tensor, blocks: torch.Tensor,
 
 
 @pytest.mark.parametrize("isa, dtype, bs", CASES + [("vec", torch.float32, 32)])
-@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("group", [1, 3, 8, 12])
 def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group):
     """The kernel reads vLLM's packed pages in place: every layout, partial blocks, a request
-    of one slot, GQA groups, votes far from 1, against dense float64 attention."""
+    of one slot, GQA groups (1-8: the compiled register tiles, with and without a partial pass;
+    12: the general loops), votes far from 1, against dense float64 attention."""
     h, d = 2, 64
     g = torch.Generator().manual_seed(group)
     paged, blocks, keys, values = filled(isa, dtype, bs, nb=8, h=h, d=d, seed=group)
@@ -160,6 +161,27 @@ def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group)
     kernel(q16, rows16, torch.arange(3), block_index, lens_t, d**-0.5)
     kernel(q16.float(), rows32, torch.arange(3), block_index, lens_t, d**-0.5)
     assert torch.equal(rows16, rows32.bfloat16())
+
+
+def test_native_vote_kernel_declines_rows_it_cannot_write_in_place():
+    """Rows whose heads are not contiguous (or an output type it does not write) are declined,
+    untouched, so the caller takes the torch path."""
+    h, d, group, bs = 2, 64, 3, 16
+    paged, blocks, keys, values = filled("vec", torch.float32, bs, nb=8, h=h, d=d)
+    paged.prepare()
+    lens = torch.tensor([keys.shape[1]], dtype=torch.int32)
+    q = torch.randn(1, h * group, d)
+    strided = torch.zeros(1, d, h * group).transpose(1, 2)  # heads d apart, dims h * group apart
+    assert not paged.vote_kernel(q, strided, torch.arange(1), blocks[None], lens, d**-0.5)
+    assert (strided == 0).all()
+    half = torch.zeros(1, h * group, d, dtype=torch.float16)
+    assert not paged.vote_kernel(q, half, torch.arange(1), blocks[None], lens, d**-0.5)
+    assert (half == 0).all()
+    got = torch.zeros_like(q)
+    assert paged.vote_kernel(q, got, torch.arange(1), blocks[None], lens, d**-0.5)
+    torch.testing.assert_close(
+        got[0], dense_vote_row(paged, q[0], blocks, keys.shape[1]), rtol=2e-5, atol=2e-5
+    )
 
 
 def test_native_vote_kernel_softmax_is_exact_at_the_extremes():

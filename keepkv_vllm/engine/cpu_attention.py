@@ -113,10 +113,10 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
     ) -> None:
         """rows[i] = softmax(q[i].k * scale + log p) @ V for every voted decode row i at once."""
         kernel = paged.vote_kernel
-        if kernel is not None and kernel.writes(q, rows):  # KV read once, in place; rows written
-            kernel(q, rows, batch.token_index, batch.block_index, batch.seq_lens, self.scale)
-        else:
-            rows[batch.token_index] = self._batched_decode(q, paged, batch).to(rows.dtype)
+        index, table, lens = batch.token_index, batch.block_index, batch.seq_lens
+        if kernel is not None and kernel(q, rows, index, table, lens, self.scale):
+            return  # KV read once, in place; rows written
+        rows[batch.token_index] = self._batched_decode(q, paged, batch).to(rows.dtype)
 
     def _batched_decode(self, q: torch.Tensor, paged: CPUPagedKV, batch: VotedDecodeBatch) -> torch.Tensor:
         """The torch path: softmax(q.k * scale + log p) @ V of the voted decode rows: [R, H_q, d]."""
