@@ -131,19 +131,31 @@ def dense_vote_row(paged: CPUPagedKV, query: torch.Tensor, blocks: torch.Tensor,
     return want[:, 0].float()
 
 
+# the kernel as served (-march=native) and, on an AVX-512 host, built for AVX2: the other vector
+# width's register tiles
+MARCHES = ["native"] + (["x86-64-v3"] if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else [])
+
+
+@pytest.mark.parametrize("march", MARCHES)
 @pytest.mark.parametrize("isa, dtype, bs", CASES + [("vec", torch.float32, 32)])
 @pytest.mark.parametrize("group", [1, 3, 8, 12])
-def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group):
+def test_native_vote_kernel_matches_the_float64_reference(isa, dtype, bs, group, march):
     """The kernel reads vLLM's packed pages in place: every layout, partial blocks, a request
     of one slot, GQA groups (1-8: the compiled register tiles, with and without a partial pass;
     12: the general loops), votes far from 1, against dense float64 attention."""
+    from keepkv_vllm.kernels.cpu_vote_attention import VoteDecodeKernel, build, find_compiler, open_library
+
     h, d = 2, 64
     g = torch.Generator().manual_seed(group)
     paged, blocks, keys, values = filled(isa, dtype, bs, nb=8, h=h, d=d, seed=group)
     if paged.vote_kernel is None:
         paged.prepare()
+    assert paged.vote_kernel is not None
     kernel = paged.vote_kernel
-    assert kernel is not None
+    if march != "native":
+        lib = open_library(build(find_compiler(), march))
+        layouts = paged.key_layout[1], paged.value_layout[1]
+        kernel = VoteDecodeKernel(lib, paged.kv_cache, *layouts, paged.log_votes, paged.quant)
     paged.log_votes.copy_(torch.randn(paged.log_votes.shape, generator=g) * 2)
     n = keys.shape[1]
     lens = [n, 1, bs + 1]

@@ -30,7 +30,7 @@ from keepkv_vllm.attention.quant import KVQuant
 logger = logging.getLogger("vllm.keepkv")
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]  # and -march: the machine's own
 _KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
 _VOTE_KINDS = {torch.float32: 0, torch.float16: 1}
 _QUERY_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -78,7 +78,7 @@ class VoteDecodeArgs(ctypes.Structure):
     ]
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++"):
         if name and shutil.which(name):
             return name
@@ -103,10 +103,13 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def build(compiler: str) -> Path:
-    """Compile the kernel (or find it built) and return the shared library's path."""
+def build(compiler: str, march: str = "native") -> Path:
+    """Compile the kernel (or find it built) for ``-march=march`` and return the shared
+    library's path. Serving builds for the machine; tests also build for a narrower target
+    (e.g. AVX2 on an AVX-512 host) to run the other vector width's code."""
+    flags = [*FLAGS, f"-march={march}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_id()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version, _cpu_id()]).encode()).hexdigest()
     directory = _cache_dir()
     target = directory / f"cpu_vote_attention-{key[:16]}.so"
     if target.exists():
@@ -120,7 +123,7 @@ def build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -131,12 +134,11 @@ def build(compiler: str) -> Path:
 @functools.lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None (with one warning) when it cannot be built here."""
-    compiler = _compiler()
+    compiler = find_compiler()
     try:
         if compiler is None:
             raise OSError("no C++ compiler found (set CXX, or install g++)")
-        torch.get_num_threads()  # torch (and its libgomp.so.1) is loaded before the kernel links it
-        lib = ctypes.CDLL(str(build(compiler)))
+        lib = open_library(build(compiler))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)
         logger.warning(
@@ -145,6 +147,13 @@ def load() -> ctypes.CDLL | None:
             detail.strip().splitlines()[-1] if detail.strip() else type(exc).__name__,
         )
         return None
+    return lib
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Load a built kernel and declare its entry point."""
+    torch.get_num_threads()  # torch (and its libgomp.so.1) is loaded before the kernel links it
+    lib = ctypes.CDLL(str(path))
     lib.keepkv_vote_decode.argtypes = [ctypes.POINTER(VoteDecodeArgs)]
     lib.keepkv_vote_decode.restype = ctypes.c_int
     return lib
