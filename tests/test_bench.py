@@ -82,6 +82,18 @@ def test_chat_mix_is_seeded_and_heavy_tailed():
         assert sum(values) / len(values) > 1.2 * ordered[len(ordered) // 2]
 
 
+def test_a_chat_request_holds_its_templated_prompt_and_its_output():
+    from transformers import AutoTokenizer
+
+    from keepkv_vllm.assets import model_dir
+    from keepkv_vllm.bench.chat import held_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir()))
+    request = {"prompt": "The passage, then the instruction. " * 20, "output_tokens": 50}
+    prompt = len(tokenizer.encode(request["prompt"], add_special_tokens=False))
+    assert prompt + 50 < held_tokens(tokenizer, request) <= prompt + 50 + 64  # the template's few tokens
+
+
 def test_ceiling_pool_holds_the_longest_requests_that_ran_at_once():
     from keepkv_vllm.bench.throughput import ceiling_blocks
 
@@ -90,6 +102,7 @@ def test_ceiling_pool_holds_the_longest_requests_that_ran_at_once():
     assert ceiling_blocks(lengths, 2, 128) == 16 + 8 + 1
     assert ceiling_blocks(lengths, 9, 128) == 16 + 8 + 3 + 2 + 1
     assert ceiling_blocks(lengths, 0, 128) == 17  # never below one request
+    assert ceiling_blocks(lengths, 2, 128, pool=30) == 30  # nor below the compared pool
 
 
 def test_gpu_projection_batch_grows_as_the_budget_shrinks():

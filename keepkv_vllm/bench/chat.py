@@ -57,6 +57,15 @@ def make_requests(tokenizer: object, text: str, count: int, seed: int, mix: Chat
     return out
 
 
+def held_tokens(tokenizer: object, request: dict) -> int:
+    """Tokens a request holds at its end: its prompt in the chat template, plus its output.
+    (``apply_chat_template`` returns a dict of encodings unless told otherwise: its length
+    would be 2.)"""
+    messages = [{"role": "user", "content": request["prompt"]}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)  # type: ignore[attr-defined]
+    return len(ids) + request["output_tokens"]
+
+
 def write_dataset(requests: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -70,7 +71,9 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(
+                    f"vllm serve exited with {self.proc.returncode}: {self.first_error()}\n{self.tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -92,6 +95,14 @@ class ServerProcess:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
+
+    def first_error(self) -> str:
+        """The log's first exception line: a failed engine core's root cause comes long before
+        the API server's traceback that ends the log."""
+        for line in Path(self.log.name).read_text(errors="replace").splitlines():
+            if re.match(r"^(\(.*?\))?\s*(\w+\.)*\w*(Error|Exception): ", line):
+                return line.strip()
+        return "(no exception line in the log)"
 
     def get_json(self, path: str) -> Any:
         with urllib.request.urlopen(f"{self.base_url}{path}", timeout=30) as r:

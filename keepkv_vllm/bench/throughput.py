@@ -181,12 +181,7 @@ class ChatWorkload:
         self.requests = chat.make_requests(tokenizer, paul_graham_essays(), args.num_prompts, args.seed, mix)
         self.dataset = chat.write_dataset(self.requests, args.out / "chat.jsonl")
         self.warm_up_set = chat.write_dataset(self.requests[:2], args.out / "chat-warm-up.jsonl")
-        # what each request holds at its end (the chat template adds a few tokens)
-        self.lengths = [
-            len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True))
-            + r["output_tokens"]
-            for r in self.requests
-        ]
+        self.lengths = [chat.held_tokens(tokenizer, r) for r in self.requests]  # for the ceiling pool
 
     def measure(self, server: ServerProcess, label: str, xargs: dict | None, warm_up: bool = False) -> dict:
         args = self.args
@@ -331,11 +326,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def ceiling_blocks(lengths: list[int], running: int, block_size: int) -> int:
+def ceiling_blocks(lengths: list[int], running: int, block_size: int, pool: int = 0) -> int:
     """Stock blocks that hold the ``running`` longest requests at their full length, plus
-    vLLM's null block: the pool stock vLLM needs for the concurrency compression reached."""
+    vLLM's null block: the pool stock vLLM needs for the concurrency compression reached; never
+    below ``pool``, the compared pool (stock's own pool already holds what fits in it, and vLLM
+    refuses a pool that cannot hold one request of --max-model-len: on the chat mix the few
+    longest drawn requests can need fewer blocks than the mix's cap)."""
     needs = sorted((-(-n // block_size) for n in lengths), reverse=True)
-    return sum(needs[: max(1, running)]) + 1
+    return max(sum(needs[: max(1, running)]) + 1, pool)
 
 
 def run_dtype(
@@ -372,7 +370,7 @@ def run_ceilings(
     first = [r for r in rows if r["method"] == args.methods[0]]
     by_blocks: dict[int, list[dict]] = {}
     for r in first:
-        blocks = ceiling_blocks(workload.lengths, r["peak_running"], args.block_size)
+        blocks = ceiling_blocks(workload.lengths, r["peak_running"], args.block_size, args.kv_blocks)
         by_blocks.setdefault(blocks, []).append(r)
     out = []
     for blocks, compressed in sorted(by_blocks.items()):
