@@ -143,9 +143,11 @@ def test_every_request_completes_with_all_its_tokens(runs):
         assert run["finish_reasons"] == ["length"] * NUM_REQUESTS
 
 
-def test_needle_is_found_at_a_30_percent_budget(runs):
-    # scores per budget are written to results/e2e_needle_pressure.json and docs/
-    assert runs["keepkv@30%"]["score"] >= NUM_REQUESTS - 2, runs["keepkv@30%"]
+@pytest.mark.parametrize("budget", ["20%", "30%"])
+def test_needle_is_found_at_20_and_30_percent_budgets(runs, budget):
+    # within one item of stock's 7/8 (scores per budget, 10 % included, are written to
+    # results/e2e_needle_pressure.json and docs/quality.md)
+    assert runs[f"keepkv@{budget}"]["score"] >= NUM_REQUESTS - 2, runs[f"keepkv@{budget}"]
 
 
 def test_free_blocks_return_to_their_starting_value(runs):

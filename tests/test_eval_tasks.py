@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import math
 
 import pytest
@@ -173,3 +174,44 @@ def test_every_score_cell_shows_its_items_and_interval():
     )
     assert "| needle | keepkv | **40 (12/30; 25–58)** |" in md
     assert "| perplexity | keepkv | **18.02 (17.50–18.60)** |" in md
+
+
+def _eval_json(tmp_path, name: str, method: str, rows: list[tuple[str, str, float]]) -> str:
+    """An eval.json with one request per (task, item, score-or-nll) at budget 0.1."""
+    requests = []
+    for task, item, x in rows:
+        r = {"method": method, "budget": 0.1, "task": task, "name": item, "valid": True}
+        r |= {"score": x} if task == "needle" else {"nll": x, "meta": {"scored": 4}}
+        requests.append(r)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"requests": requests}))
+    return str(path)
+
+
+def test_paired_comparison_counts_items_and_passages_exactly(tmp_path, capsys):
+    from keepkv_vllm.eval.compare import compare_needle, compare_perplexity, item_scores, main
+
+    a = _eval_json(
+        tmp_path, "a", "keepkv",
+        [("needle", "n0", 1.0), ("needle", "n1", 1.0), ("needle", "n2", 0.0), ("needle", "n3", 1.0),
+         ("perplexity", "p0", 8.0), ("perplexity", "p1", 4.0), ("perplexity", "p2", 12.0)],
+    )  # fmt: skip
+    b = _eval_json(
+        tmp_path, "b", "streamingllm",
+        [("needle", "n0", 1.0), ("needle", "n1", 0.0), ("needle", "n2", 1.0), ("needle", "n3", 0.0),
+         ("perplexity", "p0", 4.0), ("perplexity", "p1", 4.0), ("perplexity", "p2", 4.0)],
+    )  # fmt: skip
+    needle = compare_needle(
+        item_scores(a, "keepkv", "needle", 0.1), item_scores(b, "streamingllm", "needle", 0.1)
+    )
+    assert (needle.items, needle.both, needle.only_first, needle.only_second) == (4, 1, 2, 1)
+    ppl = compare_perplexity(
+        item_scores(a, "keepkv", "perplexity", 0.1), item_scores(b, "streamingllm", "perplexity", 0.1)
+    )
+    # per-token differences 1, 0, 2: mean 1, sd 1, t = 1 / (1 / sqrt 3)
+    assert ppl.passages == 3 and ppl.mean_difference == 1.0 and ppl.first_better == 0
+    assert ppl.t == pytest.approx(math.sqrt(3))
+    main([f"{a}:keepkv", f"{b}:streamingllm", "--budgets", "0.1"])
+    out = capsys.readouterr().out
+    assert "needle @0.1: 4 items, both 1, only first 2, only second 1" in out
+    assert "perplexity @0.1: 3 passages, first - second +1.000 nats/token, t 1.73, first better on 0/3" in out

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from keepkv_vllm.attention.reference import vote_attention
 from keepkv_vllm.methods import CaM, KVCompressionMethod, KVMerger, get_method
+from keepkv_vllm.methods.base import log_window_probability
+from keepkv_vllm.methods.keepkv import newest_share
 
 # -- KeepKV ---------------------------------------------------------------------------
 
@@ -120,6 +122,50 @@ def test_keepkv_keeps_the_slot_the_window_attends_to():
     keys[0, 50] = queries[0, -1] * 3  # a needle every window query attends to
     res = get_method("keepkv").compress(keys, values, vts, queries, 30)
     assert 50 in res.kept_index[0].tolist()
+
+
+def _local_and_retrieval_heads() -> tuple[torch.Tensor, ...]:
+    """Head 0's window reads the newest middle slots, head 1's a needle far back (t=200)."""
+    keys, values, vts, queries = make_inputs(h_kv=2, group=1, t=200, window=4, dtype=torch.float64, seed=7)
+    queries[:] = queries[:, -1:]  # every window query alike, so each head reads one place
+    keys[0, 170:196] = queries[0, -1] * 2  # local: attention on its neighbourhood
+    keys[1, 40] = queries[1, -1] * 3  # retrieval: attention on one old slot
+    return keys, values, vts, queries
+
+
+def test_newest_share_is_the_window_attention_on_the_newest_middle_slots():
+    keys, values, vts, queries = _local_and_retrieval_heads()
+    method = get_method("keepkv")
+    budget = 40
+    span = method.protected_span(budget, queries.shape[1])
+    log_p = log_window_probability(keys, vts, queries, method.distance_weight)
+    share = newest_share(log_p, budget, span)
+    middle = log_p.exp()[:, span.sink : 200 - span.recent]
+    reach = budget - span.sink - span.recent
+    torch.testing.assert_close(share, middle[:, -reach:].sum(1) / middle.sum(1), rtol=1e-12, atol=0)
+    assert share[0] > 0.9 and share[1] < 0.1
+
+
+def test_local_share_keeps_a_local_heads_newest_slots_and_leaves_a_retrieval_head_alone():
+    keys, values, vts, queries = _local_and_retrieval_heads()
+    budget, sink = 40, 4
+    local = get_method("keepkv", sink=sink).compress(keys, values, vts, queries, budget)
+    plain = get_method("keepkv", sink=sink, local_share=False).compress(keys, values, vts, queries, budget)
+    span = get_method("keepkv", sink=sink).protected_span(budget, queries.shape[1])
+    n_heavy = budget - sink - span.recent
+    log_p = log_window_probability(keys, vts, queries, 1.2)
+    n_newest = (newest_share(log_p, budget, span) * n_heavy).round().long()
+    for head in range(2):
+        newest = list(range(200 - span.recent - int(n_newest[head]), 200))
+        assert set(newest) <= set(local.kept_index[head].tolist())
+    # the local head holds what a recency cache would hold; the retrieval head keeps its needle
+    assert local.kept_index[0].tolist()[sink:] == list(range(200 - budget + sink, 200))
+    assert 40 in local.kept_index[1].tolist() and 40 in plain.kept_index[1].tolist()
+
+
+def test_local_share_must_be_a_bool():
+    with pytest.raises(ValueError, match="local_share"):
+        get_method("keepkv", local_share="yes")
 
 
 def test_keepkv_bf16_matches_float64_closely():

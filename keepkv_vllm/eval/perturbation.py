@@ -36,6 +36,8 @@ VARIANTS["keepkv-sim0.9"] = ("keepkv", {"similarity_threshold": 0.9})
 VARIANTS["keepkv-nomerge"] = ("keepkv", {"similarity_threshold": 1.0})  # selection only
 VARIANTS["keepkv-v0.5"] = ("keepkv", {"value_threshold": 0.5})  # merge only similar values too
 VARIANTS["keepkv-v0.7"] = ("keepkv", {"value_threshold": 0.7})
+VARIANTS["keepkv-nogate"] = ("keepkv", {"value_threshold": None})  # keys alone, the paper's merge
+VARIANTS["keepkv-nolocal"] = ("keepkv", {"local_share": False})  # every head ranked by the window alone
 DEFAULT_VARIANTS = tuple(VARIANTS)  # the study's default set; the pooling widths are opt-in
 for _kernel in (7, 11, 15, 21):  # pooling width: a hit keeps more of its neighbours (multi-token facts)
     VARIANTS[f"keepkv-pool{_kernel}"] = ("keepkv", {"pool_kernel": _kernel})
