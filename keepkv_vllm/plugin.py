@@ -34,9 +34,9 @@ from keepkv_vllm.config import (
 )
 
 SCHEDULER_CLS = "keepkv_vllm.engine.scheduler.KeepKVScheduler"
-CPU_WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVCPUWorker"
-GPU_WORKER_CLS = "keepkv_vllm.engine.worker.KeepKVGPUWorker"
-GPU_BACKEND = "keepkv_vllm.engine.flash_attention.KeepKVFlashAttentionBackend"
+CPU_WORKER_CLS = "keepkv_vllm.engine.cpu.worker.KeepKVCPUWorker"
+GPU_WORKER_CLS = "keepkv_vllm.engine.gpu.worker.KeepKVGPUWorker"
+GPU_BACKEND = "keepkv_vllm.engine.gpu.flash_attention.KeepKVFlashAttentionBackend"
 _PATCHED = "_keepkv_patched"
 #: KV cache dtypes compression reads and writes (fp8: per-tensor scales, e4m3 or e5m2 bytes)
 KV_CACHE_DTYPES = (None, "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")

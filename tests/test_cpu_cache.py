@@ -13,8 +13,8 @@ pytest.importorskip("vllm")
 from keepkv_vllm.attention.kv_layout import allocate_padded_cache
 from keepkv_vllm.attention.paged_torch import paged_vote_attention
 from keepkv_vllm.attention.quant import FP8_FORMATS
-from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl
-from keepkv_vllm.engine.cpu_cache import CPUPagedKV, strided_layout
+from keepkv_vllm.engine.cpu.attention import VoteCPUAttentionImpl
+from keepkv_vllm.engine.cpu.cache import CPUPagedKV, strided_layout
 from keepkv_vllm.engine.worker_state import VotedDecodeBatch
 
 CASES = [("vec", torch.float32, 128), ("vec16", torch.float32, 16), ("vec", torch.bfloat16, 128)]
@@ -265,7 +265,7 @@ def test_fp8_cpu_cache_reads_and_writes_bytes_where_vllm_puts_them(fmt):
     from vllm import _custom_ops as ops
 
     from keepkv_vllm.attention.quant import KVQuant
-    from keepkv_vllm.engine.cpu_cache import split_kv
+    from keepkv_vllm.engine.cpu.cache import split_kv
 
     quant = KVQuant.for_cache(fmt, k_scale=0.5, v_scale=2.0)
     bs, h, d = 128, 3, 64

@@ -1,7 +1,7 @@
 """The GPU backend's own Python, end to end inside the real vLLM CPU engine.
 
 ``KEEPKV_ATTENTION_BACKEND=flash`` makes the CPU worker serve through the FlashAttention-layout
-vote backend (engine/flash_attention.py) on slot-major pages with votes in the padding; its
+vote backend (engine/gpu/flash_attention.py) on slot-major pages with votes in the padding; its
 Triton kernels (store, vote-weighted decode, prefill) run in Triton's interpreter. Only
 FlashAttention itself (prefill rows on CUDA) is replaced, by the same Triton kernel without
 votes. vLLM's default compiled mode (torch.compile, attention opaque between the compiled
@@ -38,6 +38,7 @@ BLOCK = 32  # the CPU kernels need a multiple of 32
 LAYERS = 4  # of 30: the interpreted kernels' cost is per layer
 POOL_BYTES = 48 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN // 30 * LAYERS  # 48 blocks of the cut model
 COMPRESSION = {"method": "keepkv", "trigger": "always", "budget": 48, "min_budget_tokens": 40}
+AUDIT = {"KEEPKV_AUDIT_HOST_SYNCS": "1"}  # count the plugin's host synchronisations per step and order
 
 
 def generate(spec: dict, **env: str) -> dict:
@@ -103,7 +104,10 @@ def runs(spec):
     stock = generate({**spec, "enforce_eager": True})
     torch_path = generate({**spec, "kv_compression": COMPRESSION, "enforce_eager": True})
     flash = generate(
-        {**spec, "kv_compression": COMPRESSION}, TRITON_INTERPRET="1", KEEPKV_ATTENTION_BACKEND="flash"
+        {**spec, "kv_compression": COMPRESSION},
+        TRITON_INTERPRET="1",
+        KEEPKV_ATTENTION_BACKEND="flash",
+        **AUDIT,
     )
     return stock, torch_path, flash
 
@@ -132,6 +136,18 @@ def test_the_gpu_layout_keeps_votes_and_window_inside_the_budget(runs):
     assert torch_path["stats"]["worker"][0]["memory_scratch_bytes"] == 0  # the CPU path needs none
 
 
+def test_the_gpu_path_waits_for_the_device_once_per_order_and_never_in_a_step(runs):
+    """What a GPU would stall on (item, tolist, bool(t), nonzero, mask indexing, pageable copies),
+    counted in the plugin's own code on the GPU path: the runner's step plan, the backend's
+    metadata, cache writes and attention, and each compression order (compressed every step)."""
+    _, _, flash = runs
+    worker = flash["stats"]["worker"][0]
+    assert worker["host_sync_orders"] == worker["orders"] > 0
+    assert worker["host_syncs_per_order_max"] == 1  # the order's counters
+    assert worker["host_sync_steps"] > 8  # prefill and every decode step
+    assert worker["host_syncs_per_step_max"] == 0
+
+
 @pytest.fixture(scope="module")
 def fp8_spec(spec):
     return {**spec, "kv_compression": COMPRESSION, "kv_cache_dtype": "fp8"}
@@ -140,7 +156,7 @@ def fp8_spec(spec):
 @pytest.fixture(scope="module")
 def fp8_flash(fp8_spec):
     # the Triton kernels store and read the fp8 pages themselves: no vLLM CPU fp8 kernel involved
-    return generate(fp8_spec, TRITON_INTERPRET="1", KEEPKV_ATTENTION_BACKEND="flash")
+    return generate(fp8_spec, TRITON_INTERPRET="1", KEEPKV_ATTENTION_BACKEND="flash", **AUDIT)
 
 
 def test_fp8_cache_compresses_and_merges_through_the_gpu_kernels(fp8_flash):
@@ -148,6 +164,7 @@ def test_fp8_cache_compresses_and_merges_through_the_gpu_kernels(fp8_flash):
     assert counters["requests_compressed"] == 2 and counters["compressions"] > 0
     worker = fp8_flash["stats"]["worker"][0]
     assert worker["entries_merged"] > 0 and worker["saturated_elements"] == 0
+    assert worker["host_syncs_per_order_max"] == 1 and worker["host_syncs_per_step_max"] == 0
     assert [len(t) for t in fp8_flash["tokens"]] == [8, 8, 8]
     # fp8 pages: one byte per element plus float16 log-votes (2 bytes per slot and kv-head)
     assert worker["memory_vote_bytes"] * 64 == worker["memory_pool_bytes"] - worker["memory_vote_bytes"]

@@ -29,7 +29,9 @@ from vllm.v1.worker.gpu_worker import Worker
 from keepkv_vllm import plugin
 from keepkv_vllm.attention.kv_layout import allocate_padded_cache
 from keepkv_vllm.config import ConfigError
-from keepkv_vllm.engine import flash_attention, model_runner, worker
+from keepkv_vllm.engine import model_runner, worker
+from keepkv_vllm.engine.gpu import flash_attention
+from keepkv_vllm.engine.gpu import worker as gpu_worker
 
 
 def params(fn) -> list[str]:
@@ -48,6 +50,7 @@ def params(fn) -> list[str]:
         ),
         (GPUModelRunner, "execute_model", None),
         (GPUModelRunner, "get_kv_cache_spec", []),
+        (GPUModelRunner, "_cleanup_profiling_kv_cache", []),
         (Worker, "_make_model_runner", []),
         (Worker, "determine_available_memory", []),
         (Worker, "initialize_from_config", ["kv_cache_config"]),
@@ -152,15 +155,21 @@ def test_padded_pages_are_laid_out_as_vllm_allocates_them(layout, slot_major):
 
 
 def test_gpu_worker_and_runner_build_on_vllms_classes():
-    assert issubclass(worker.KeepKVGPUWorker, Worker)
-    assert issubclass(model_runner.KeepKVGPUModelRunner, GPUModelRunner)
+    assert issubclass(gpu_worker.KeepKVGPUWorker, Worker)
+    assert issubclass(gpu_worker.KeepKVGPUModelRunner, GPUModelRunner)
     # our overrides sit in front of vLLM's in the method resolution order
-    for name in ("_update_states", "_prepare_inputs", "initialize_kv_cache", "execute_model"):
-        assert getattr(model_runner.KeepKVGPUModelRunner, name) is getattr(
+    for name in (
+        "_update_states",
+        "_prepare_inputs",
+        "initialize_kv_cache",
+        "execute_model",
+        "_cleanup_profiling_kv_cache",
+    ):
+        assert getattr(gpu_worker.KeepKVGPUModelRunner, name) is getattr(
             model_runner.CompressionRunnerMixin, name
         )
     assert (
-        worker.KeepKVGPUWorker.determine_available_memory
+        gpu_worker.KeepKVGPUWorker.determine_available_memory
         is worker.CompressionWorkerMixin.determine_available_memory
     )
     assert AttentionBackendEnum.CUSTOM.name == "CUSTOM"

@@ -148,3 +148,39 @@ def test_flash_layout_gather_scatter_round_trip_and_blocks():
     kb, vb = paged.gather_blocks(blocks.view(1, -1))
     assert torch.equal(kb[0, :, :13], keys) and torch.equal(vb[0, :, :13], values)
     assert torch.equal(paged.key_cache[5, :, 1], keys[1, :8])  # slot-major: [block, slot, head, d]
+
+
+def test_the_profiling_kv_cache_is_not_kept_alive():
+    """vLLM builds a small KV cache to profile CUDA-graph memory, then drops its own references
+    and allocates the real pool: nothing of the plugin's may keep the first one alive."""
+    import gc
+    import weakref
+
+    from keepkv_vllm.engine.gpu.flash_attention import KeepKVFlashAttentionImpl
+    from keepkv_vllm.engine.model_runner import CompressionRunnerMixin
+    from keepkv_vllm.engine.worker_state import WorkerCompressionState
+
+    impl = KeepKVFlashAttentionImpl(4, 32, 32**-0.5, 2, None, None, "auto")
+    layer = SimpleNamespace(impl=impl, kv_cache=allocate_padded_cache(4, 2, 16, 32, torch.float32))
+
+    class VLLMRunner:  # what vLLM's runner does with a profiling cache
+        compilation_config = SimpleNamespace(static_forward_context={"layer.0": layer})
+
+        def initialize_kv_cache(self, kv_cache_config, is_profiling=False):
+            pass
+
+        def _cleanup_profiling_kv_cache(self):
+            layer.kv_cache = torch.tensor([])
+
+    class Runner(CompressionRunnerMixin, VLLMRunner):
+        pass
+
+    runner = Runner()
+    runner.kvc_state = WorkerCompressionState(parse_config({"method": "keepkv"}))
+    runner.initialize_kv_cache(None, is_profiling=True)
+    assert runner.kvc_state.layers == {}  # no view of the profiling cache in the worker state
+    impl._cache_views(layer.kv_cache)  # a profiling forward: the backend caches its views
+    profiling_cache = weakref.ref(layer.kv_cache)
+    runner._cleanup_profiling_kv_cache()
+    gc.collect()
+    assert profiling_cache() is None

@@ -6,7 +6,12 @@ so sizes are small, but every index, mask and the split-K combine are the same c
 
 from __future__ import annotations
 
+import ast
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,7 +163,7 @@ def test_pick_num_splits_fills_the_gpu_for_one_long_request(kernel):
 
 def test_bad_arguments(kernel):
     inputs, _ = make_case(4, [10], [1], 2, 2, 32, 16, torch.float32, False)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="power of two up to 64"):
         kernel.vote_paged_attention(**inputs, num_splits=3)
     with pytest.raises(ValueError, match="multiple"):
         kernel.vote_paged_attention(**{**inputs, "query": inputs["query"][:, :3]})
@@ -174,14 +179,29 @@ def test_benchmark_script_smoke(capsys):
     assert err < 1e-4
 
 
+def served(dtype=torch.float32, head_size=64, block_size=16, q_heads=9, kv_heads=3, kv="auto", **kw):
+    from keepkv_vllm.kernels.gpu_check import ServedShape
+
+    return ServedShape(dtype, head_size, block_size, q_heads, kv_heads, kv, **kw)
+
+
 def test_gpu_self_check_passes_on_the_served_shapes():
     from keepkv_vllm.kernels.gpu_check import self_check
 
-    report = self_check(torch.float32, 64, 16, 9, 3, DEVICE)
-    assert report.startswith("max errors store/decode/decode-split/prefill")
+    report = self_check(served(max_model_len=2048, num_sms=132), DEVICE)
+    # store, decode at every split count the server can choose (1..8 here), prefill with and without votes
+    assert report.startswith("7 kernel checks (store; decode at 1, 2, 4, 8 splits; prefill)"), report
 
 
-def test_gpu_self_check_names_what_failed(monkeypatch):
+def test_every_split_count_the_decode_path_can_choose_is_checked():
+    from keepkv_vllm.kernels.triton_vote_attention import pick_num_splits
+
+    shape = served(kv_heads=2, max_model_len=32768, num_sms=132)
+    chosen = {pick_num_splits(n, 2, s, 132) for n in range(1, 257) for s in (1, 100, 1000, 5000, 32768)}
+    assert chosen == set(shape.split_counts()) == {1, 2, 4, 8, 16, 32, 64}
+
+
+def test_gpu_self_check_says_what_failed_in_one_block(monkeypatch):
     from keepkv_vllm.kernels import gpu_check, triton_vote_attention
 
     stock = triton_vote_attention.vote_paged_attention
@@ -191,17 +211,23 @@ def test_gpu_self_check_names_what_failed(monkeypatch):
         return out + 0.5 if args[3] is not None else out  # a bug that only shows with votes
 
     monkeypatch.setattr(triton_vote_attention, "vote_paged_attention", wrong_with_votes)
-    failed = r"decode attention with votes \(1 splits\): max error"
-    with pytest.raises(gpu_check.SelfCheckError, match=failed):
-        gpu_check.self_check(torch.float32, 32, 16, 4, 2, DEVICE)
+    with pytest.raises(gpu_check.SelfCheckError) as failed:
+        gpu_check.self_check(served(torch.float32, 32, 16, 4, 2, max_model_len=64), DEVICE)
+    assert str(failed.value).splitlines() == [
+        "  kernel: decode attention with votes (1 splits)",
+        "  shape:  torch.float32, head size 32, block size 16, 4q/2kv heads",
+        "  reason: max error 5.00e-01 > 1e-04 against torch",
+    ]
+
+    message = "at 80:29:\n    acc = ...\n             ^\nCannot access global variable _NEG from within @jit"
 
     def broken(*args, **kwargs):
-        raise RuntimeError("PassManager::run failed\nmore detail")  # what a Triton compile error looks like
+        raise RuntimeError(message)  # what a Triton compile error looks like: several lines
 
     monkeypatch.setattr(triton_vote_attention, "vote_paged_attention", broken)
-    failed = r"^RuntimeError: PassManager::run failed \(torch.float32"
-    with pytest.raises(gpu_check.SelfCheckError, match=failed):
-        gpu_check.self_check(torch.float32, 32, 16, 4, 2, DEVICE)
+    with pytest.raises(gpu_check.SelfCheckError) as failed:
+        gpu_check.self_check(served(torch.float32, 32, 16, 4, 2, max_model_len=64), DEVICE)
+    assert f"  reason: RuntimeError: {message}" in str(failed.value)  # the compiler's whole message
 
 
 def test_keepkv_gpu_check_smoke(capsys):
@@ -210,6 +236,42 @@ def test_keepkv_gpu_check_smoke(capsys):
     assert main(["--smoke", "--no-bench"]) == 0
     out = capsys.readouterr().out
     assert "2/2 shapes passed" in out and "| ok: " in out
+
+
+def test_keepkv_gpu_check_writes_its_summary_when_the_benchmark_fails(tmp_path, monkeypatch, capsys):
+    from keepkv_vllm.kernels import bench_vote_attention, gpu_check
+
+    def crash(args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_vote_attention, "run", crash)
+    path = tmp_path / "check.json"
+    assert gpu_check.main(["--smoke", "--json", str(path)]) == 0  # the grid's verdict stands
+    summary = json.loads(path.read_text())
+    assert len(summary["grid"]) == 2 and "illegal memory access" in summary["bench"]["error"]
+    assert "2/2 shapes passed" in capsys.readouterr().out
+
+
+PROBE_64BIT = """
+import torch
+from keepkv_vllm.kernels.gpu_check import probe_64bit
+print(probe_64bit("cpu", torch.bfloat16))
+"""
+
+
+def test_kernels_address_a_cache_past_2_31_elements():
+    """A layer cache of 2**31 + elements (4 GiB of bf16, untouched but its last blocks): the store
+    and decode kernels write and read those blocks right. With 32-bit block offsets the reads
+    wrap (the interpreter then reads unmapped memory and the process dies: a subprocess)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE_64BIT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, f"probe died ({out.returncode}): {out.stderr[-2000:]}"
+    result = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert result["elements"] > 2**31
+    assert result["store"] == 0.0
+    assert result["decode/1"] < 1e-2 and result["decode/4"] < 1e-2  # bf16 output rounding
 
 
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)

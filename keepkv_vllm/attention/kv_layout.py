@@ -4,7 +4,7 @@ vLLM hands each attention layer a 4D view ``[num_blocks, H_kv, block_size, 2 * d
 page per block; the physical order inside a page depends on the backend:
 - FlashAttention (GPU): slot-major, ``[block][slot][head][K|V]`` (vLLM's LBNHC layout);
 - vLLM's CPU kernels: head-major, ``[block][head][...]`` with an ISA-packed tile inside
-  each (block, head) region (engine/cpu_cache.py reads it).
+  each (block, head) region (engine/cpu/cache.py reads it).
 
 Votes live *inside* vLLM's KV budget: the backend asks for a padded page
 (``AttentionSpec.page_size_padded``) and each block's padding holds log-votes
@@ -80,8 +80,10 @@ def allocate_padded_cache(
     dtype: torch.dtype,
     slot_major: bool = True,
     device: torch.device | str = "cpu",
+    zeroed: bool = True,
 ) -> torch.Tensor:
-    """A zeroed per-layer KV view with vote padding, laid out as vLLM allocates it.
+    """A per-layer KV view with vote padding, laid out as vLLM allocates it (zeroed, as vLLM
+    zeroes its cache, unless ``zeroed`` is False: then untouched memory).
 
     ``slot_major``: FlashAttention's ``[block][slot][head][K|V]``; otherwise head-major
     ``[block][head][slot][K|V]`` (the CPU backend's outer order). For tests and self-checks.
@@ -89,7 +91,7 @@ def allocate_padded_cache(
     elem = torch.empty(0, dtype=dtype).element_size()
     content = 2 * head_dim
     page = padded_page_bytes(num_kv_heads * block_size * content * elem, num_kv_heads, block_size, elem)
-    raw = torch.zeros(num_blocks * page // elem, dtype=dtype, device=device)
+    raw = (torch.zeros if zeroed else torch.empty)(num_blocks * page // elem, dtype=dtype, device=device)
     if slot_major:
         strides = (page // elem, content, num_kv_heads * content, 1)
     else:

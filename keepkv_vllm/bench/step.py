@@ -46,7 +46,7 @@ def filled_cache(shape: Shape, num_blocks: int, dtype: torch.dtype, isa: str, se
     from vllm import _custom_ops as ops
 
     from keepkv_vllm.attention.kv_layout import allocate_padded_cache
-    from keepkv_vllm.engine.cpu_cache import CPUPagedKV
+    from keepkv_vllm.engine.cpu.cache import CPUPagedKV
 
     g = torch.Generator().manual_seed(seed)
     kv = allocate_padded_cache(num_blocks, shape.kv_heads, shape.block_size, shape.head_dim, dtype, False)
@@ -109,7 +109,7 @@ def decode_step(shape: Shape, requests: int, slots: int, dtype: torch.dtype, rep
     """Per layer: stock decode vs the voted decode path at the same KV length."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from keepkv_vllm.engine.cpu_attention import VoteCPUAttentionImpl
+    from keepkv_vllm.engine.cpu.attention import VoteCPUAttentionImpl
     from keepkv_vllm.engine.worker_state import VotedDecodeBatch
 
     bs, d = shape.block_size, shape.head_dim

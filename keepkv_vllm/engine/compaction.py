@@ -5,6 +5,11 @@ step's forward pass, layer by layer: gather the request's slots, compress each k
 the method, write the B survivors into slots [frozen, kv_len_after) of the request's own
 blocks. Gathering happens before any write, so survivors may come from the tail blocks
 that the scheduler has already returned to the pool (nobody writes them before this runs).
+
+One host synchronisation per order, whatever the number of layers: the block ids go to the
+device without one (pinned, non-blocking), the methods run without reading values back
+(``check_values=False``), and every layer's counters, the count of invalid inputs among them,
+come back together at the end.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from keepkv_vllm.attention.kv_layout import PagedKV, gather_votes, scatter_votes
 from keepkv_vllm.attention.quant import KVQuant
-from keepkv_vllm.methods.base import CompressionResult, KVCompressionMethod
+from keepkv_vllm.host_sync import upload
+from keepkv_vllm.methods.base import CompressionResult, KVCompressionMethod, count_invalid
 
 #: attribute of vLLM's SchedulerOutput carrying this step's orders to the workers
 ORDERS_ATTR = "kv_compression_orders"
@@ -56,6 +63,9 @@ class CompactionStats:
     entries_removed: int = 0  # merged or dropped, summed over layers and kv-heads
     entries_merged: int = 0  # of which folded into a survivor
     saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
+    # NaN/inf inputs or votes <= 0 the method was given (the request's cache was already
+    # corrupt; its output is, too): counted and logged, the engine goes on serving the rest
+    invalid_inputs: int = 0
 
 
 @dataclass
@@ -67,6 +77,7 @@ class WorkerTotals:
     entries_removed: int = 0  # (layer, kv-head, slot) entries removed, merged or dropped
     compaction_seconds: float = 0.0
     saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
+    invalid_inputs: int = 0  # NaN/inf keys, values, queries or votes <= 0 met while compacting
     # which orders ran, in which order (request, slots before and after): every tensor-parallel
     # rank of an engine must report the same digest
     order_digest: int = 0
@@ -76,6 +87,7 @@ class WorkerTotals:
         self.entries_merged += stats.entries_merged
         self.entries_removed += stats.entries_removed
         self.saturated += stats.saturated
+        self.invalid_inputs += stats.invalid_inputs
         self.compaction_seconds += seconds
         key = f"{order.req_id}:{order.kv_len_before}:{order.kv_len_after}".encode()
         self.order_digest = zlib.crc32(key, self.order_digest)
@@ -87,6 +99,7 @@ class WorkerTotals:
             "entries_removed": self.entries_removed,
             "compaction_seconds": self.compaction_seconds,
             "saturated_elements": self.saturated,
+            "invalid_inputs": self.invalid_inputs,
             "order_digest": self.order_digest,
         }
 
@@ -122,22 +135,19 @@ class RequestLedger:
 def compact_request(
     layers: Iterable[tuple[PagedKV, torch.Tensor]], order: CompressionOrder, method: KVCompressionMethod
 ) -> CompactionStats:
-    """Run one order on every layer: (layer cache, its window queries [H_q, W, d]) pairs.
-
-    Block tables go to the device once per order and the counters come back once (one
-    host sync per order, not per layer).
-    """
-    src = dst = None
-    counts = torch.zeros(3, dtype=torch.long)
+    """Run one order on every layer: (layer cache, its window queries [H_q, W, d]) pairs."""
+    src = dst = counts = None
     for paged, queries in layers:
         if src is None:
             device = paged.log_votes.device
-            src = torch.tensor(order.src_block_ids, dtype=torch.long, device=device)
-            dst = torch.tensor(order.block_ids, dtype=torch.long, device=device)
-            counts = counts.to(device)
+            ids = upload(np.array(order.src_block_ids + order.block_ids, dtype=np.int64), device)
+            src, dst = ids[: len(order.src_block_ids)], ids[len(order.src_block_ids) :]
+            counts = torch.zeros(4, dtype=torch.long, device=device)
         counts += compact_layer(LayerCache(paged, queries), order, method, src, dst)
-    merged, removed, saturated = counts.tolist()
-    return CompactionStats(entries_removed=removed, entries_merged=merged, saturated=saturated)
+    if counts is None:
+        return CompactionStats()
+    merged, removed, saturated, invalid = counts.tolist()  # the order's one host synchronisation
+    return CompactionStats(removed, merged, saturated, invalid)
 
 
 def compact_layer(
@@ -147,7 +157,8 @@ def compact_layer(
     src: torch.Tensor,
     dst: torch.Tensor,
 ) -> torch.Tensor:
-    """Compress one layer of the request; returns [slots merged, slots removed, fp8 elements saturated]."""
+    """Compress one layer of the request; returns [slots merged, slots removed, fp8 elements
+    saturated, invalid inputs] on the device."""
     kv, quant = layer.kv, layer.kv.quant
     lo, hi = order.frozen_slots, order.kv_len_before
     stored_keys, stored_values = kv.gather(src, lo, hi)
@@ -157,14 +168,16 @@ def compact_layer(
     )
     votes = gather_votes(kv.log_votes, src, lo, hi).float().exp()  # the methods work on vote counts p
     queries = layer.window_queries.to(keys.dtype)  # kept in 16 bits; scored in the cache dtype
-    result = method.compress(keys, values, votes, queries, order.kv_len_after - lo)
-    out_keys, out_values, saturated = result.keys, result.values, torch.zeros((), dtype=torch.long)
+    invalid = count_invalid(keys, values, votes, queries)
+    result = method.compress(keys, values, votes, queries, order.kv_len_after - lo, check_values=False)
+    out_keys, out_values = result.keys, result.values
+    saturated = torch.zeros((), dtype=torch.long, device=keys.device)
     if quant.quantized:
         out_keys, out_values, saturated = _requantize(quant, stored_keys, stored_values, keys, values, result)
     kv.scatter(dst, lo, out_keys, out_values)
     scatter_votes(kv.log_votes, dst, lo, result.votes.float().log())
     merged, dropped = result.num_merged.sum(), result.num_dropped.sum()
-    return torch.stack([merged, merged + dropped, saturated.to(merged.device)])
+    return torch.stack([merged, merged + dropped, saturated, invalid])
 
 
 def _requantize(

@@ -7,7 +7,9 @@ at the start of a step, before vLLM zeroes newly allocated blocks (a block the s
 just freed may already be someone else's) and before the forward pass.
 
 The mixin is written against vLLM's V1 ``GPUModelRunner``; the CPU runner subclasses it,
-so the same code serves both (``KeepKVCPUModelRunner``, ``KeepKVGPUModelRunner``).
+so the same code serves both (engine/cpu/worker.py, engine/gpu/worker.py). It imports no vLLM
+module itself. Per step it adds no host synchronisation: host-built plans reach the device
+through ``upload`` (pinned, non-blocking); a compression order costs one (its counters).
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from keepkv_vllm.attention.kv_layout import PagedKV, vote_bytes_per_block
 from keepkv_vllm.engine import worker_state
@@ -34,6 +34,7 @@ from keepkv_vllm.engine.memory import SideMemory, WindowGeometry, pool_bytes, ro
 from keepkv_vllm.engine.settings import config_from_vllm
 from keepkv_vllm.engine.window import ROWS_ATTR, QueryWindow
 from keepkv_vllm.engine.worker_state import StepPlan, VotedDecodeBatch, VotedRequest, WorkerCompressionState
+from keepkv_vllm.host_sync import upload
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -55,6 +56,8 @@ class CompressionRunnerMixin:
         stats["vote_attention_seconds"] = self.kvc_state.vote_attention_seconds
         if self.kvc_memory is not None:
             stats.update({f"memory_{k}": v for k, v in self.kvc_memory.as_dict().items()})
+        if self.kvc_state.audit is not None:
+            stats.update(self.kvc_state.audit.as_dict())
         return stats
 
     def kvc_vote_check(self) -> dict[str, int]:
@@ -83,8 +86,6 @@ class CompressionRunnerMixin:
         """
         from dataclasses import replace
 
-        from vllm.v1.core.kv_cache_utils import max_memory_usage_bytes
-
         config = self.kvc_state.config
         specs = self.get_kv_cache_spec()  # type: ignore[attr-defined]
         geometry = WindowGeometry.from_vllm(self.vllm_config, config.window, len(specs))
@@ -94,8 +95,10 @@ class CompressionRunnerMixin:
         reserve = rows * geometry.row_bytes + self.kvc_scratch_bytes()
 
         # one request at --max-model-len plus the null block vLLM holds back; with votes, and stock
+        # (KVCacheSpec.max_memory_usage_bytes is public on every vLLM the plugin supports; the
+        # module-level helper summing it moved between 0.32 and 0.33)
         def one_request(pages: list[Any]) -> int:
-            return max_memory_usage_bytes(self.vllm_config, pages) + sum(s.page_size_bytes for s in pages)
+            return sum(s.max_memory_usage_bytes(self.vllm_config) + s.page_size_bytes for s in pages)
 
         needed = one_request(list(specs.values()))
         stock = one_request([replace(s, page_size_padded=None) for s in specs.values()])
@@ -114,10 +117,12 @@ class CompressionRunnerMixin:
     def initialize_kv_cache(self, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)  # type: ignore[misc]
         is_profiling = kwargs.get("is_profiling", args[0] if args else False)
+        if is_profiling:
+            # vLLM frees only its own references to a profiling cache before it allocates the
+            # real pool: keep none (no layers, no window), so the profiling cache can go
+            return
         state = self.kvc_state
         state.layers = self._kvc_paged_layers()
-        if is_profiling:
-            return  # vLLM frees only its own tensors after a profiling cache: allocate nothing
         for paged in state.layers.values():
             paged.prepare()  # fp8 reader, vote kernel: built now, not on the first compressed step
         rows, geometry = window_rows(state.config, self.vllm_config, kv_cache_config)
@@ -137,6 +142,14 @@ class CompressionRunnerMixin:
             self.kvc_memory.describe(),
         )
 
+    def _cleanup_profiling_kv_cache(self) -> None:
+        super()._cleanup_profiling_kv_cache()  # type: ignore[misc]
+        # backends keep views of the cache they last ran on (a profiling one, here)
+        for module in self.compilation_config.static_forward_context.values():
+            forget = getattr(getattr(module, "impl", None), "forget_kv_cache", None)
+            if forget is not None:
+                forget()
+
     def _kvc_paged_layers(self) -> dict[str, PagedKV]:
         """Each compressed attention layer's cache, read through its backend's layout."""
         layers = {}
@@ -148,13 +161,17 @@ class CompressionRunnerMixin:
 
     # -- step ----------------------------------------------------------------------------
     def _update_states(self, scheduler_output: Any) -> Any:
-        self._kvc_lifecycle(scheduler_output)
+        state = self.kvc_state
+        with state.audited():
+            self._kvc_lifecycle(scheduler_output)
         orders: list[CompressionOrder] = getattr(scheduler_output, ORDERS_ATTR, None) or []
         for order in orders:
-            self._kvc_run_order(order)
+            with state.audited(order=True):
+                self._kvc_run_order(order)
         result = super()._update_states(scheduler_output)  # type: ignore[misc]
-        for order in orders:
-            self._kvc_adopt(order)
+        with state.audited():
+            for order in orders:
+                self._kvc_adopt(order)
         return result
 
     def _kvc_lifecycle(self, scheduler_output: Any) -> None:
@@ -183,6 +200,13 @@ class CompressionRunnerMixin:
         self.kvc_requests.add(
             order.req_id, entries_merged=stats.entries_merged, entries_removed=stats.entries_removed
         )
+        if stats.invalid_inputs:
+            logger.error(
+                "kv compression: request %s's cache held %d NaN/inf entries or votes <= 0 when it was "
+                "compressed; its output is unreliable (other requests are unaffected)",
+                order.req_id,
+                stats.invalid_inputs,
+            )
         logger.debug(
             "compressed %s: %d -> %d slots per head (%d merged of %d removed, all layers and heads)",
             order.req_id,
@@ -208,9 +232,10 @@ class CompressionRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output: Any, num_scheduled_tokens: np.ndarray) -> Any:
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)  # type: ignore[misc]
-        self.kvc_state.step = self._kvc_plan(
-            np.asarray(num_scheduled_tokens[: self.input_batch.num_reqs], np.int64)
-        )
+        with self.kvc_state.audited():
+            self.kvc_state.step = self._kvc_plan(
+                np.asarray(num_scheduled_tokens[: self.input_batch.num_reqs], np.int64)
+            )
         return result
 
     def execute_model(self, *args: Any, **kwargs: Any) -> Any:
@@ -218,6 +243,8 @@ class CompressionRunnerMixin:
             return super().execute_model(*args, **kwargs)  # type: ignore[misc]
         finally:
             self.kvc_state.step = None  # a dummy or warm-up forward must not read this step's plan
+            if self.kvc_state.audit is not None:
+                self.kvc_state.audit.end_step()
 
     def _kvc_plan(self, n_tok: np.ndarray) -> StepPlan:
         """This step's plan: window rows, and KV lengths and slots of compressed requests."""
@@ -233,14 +260,15 @@ class CompressionRunnerMixin:
             ends = np.cumsum(n_tok)
             for i, req_id in enumerate(req_ids):
                 if req_id in state.voted:
-                    block_ids = torch.tensor(self.requests[req_id].block_ids[0], dtype=torch.long)
+                    block_ids = tuple(self.requests[req_id].block_ids[0])
                     seq_len = int(computed[i] + n_tok[i] - offsets[i])
                     voted.append(VotedRequest(i, int(ends[i] - n_tok[i]), int(ends[i]), block_ids, seq_len))
-        device = self.device
+        window = np.stack([src, dst]) if len(src) else np.zeros((2, 0), dtype=np.int64)
+        window_src, window_dst = upload(window, self.device)
         return StepPlan(
             num_tokens=int(n_tok.sum()),
-            window_src=torch.from_numpy(src).to(device),
-            window_dst=torch.from_numpy(dst).to(device),
+            window_src=window_src,
+            window_dst=window_dst,
             voted=voted,
             voted_decode=self._kvc_decode_batch(voted),
         )
@@ -248,12 +276,14 @@ class CompressionRunnerMixin:
     def _kvc_shift_kv_positions(self, offsets: np.ndarray, n_tok: np.ndarray) -> None:
         """Attention lengths and slot mapping of compressed requests count slots, not tokens."""
         num_reqs = len(offsets)
-        off = torch.from_numpy(offsets)
-        self.seq_lens[:num_reqs] -= off.to(self.seq_lens.device, self.seq_lens.dtype)
-        self.optimistic_seq_lens_cpu[:num_reqs] -= off.to(self.optimistic_seq_lens_cpu.dtype)
         total = int(n_tok.sum())
-        token_offsets = torch.from_numpy(np.repeat(offsets, n_tok)).to(self.positions.device)
-        kv_positions = self.positions[:total] - token_offsets
+        # one upload: the requests' offsets, then each token's
+        both = upload(np.concatenate([offsets, np.repeat(offsets, n_tok)]), self.positions.device)
+        self.seq_lens[:num_reqs] -= both[:num_reqs].to(self.seq_lens.dtype)
+        self.optimistic_seq_lens_cpu[:num_reqs] -= torch.from_numpy(offsets).to(
+            self.optimistic_seq_lens_cpu.dtype
+        )
+        kv_positions = self.positions[:total] - both[num_reqs:]
         self.input_batch.block_table.compute_slot_mapping(
             num_reqs, self.query_start_loc.gpu[: num_reqs + 1], kv_positions
         )
@@ -271,22 +301,8 @@ class CompressionRunnerMixin:
         valid = torch.zeros(len(decodes), width * bs, dtype=torch.bool)
         for i, r in enumerate(decodes):
             n = -(-r.seq_len // bs)
-            block_index[i, :n] = r.block_ids[:n]
+            block_index[i, :n] = torch.tensor(r.block_ids[:n])
             valid[i, : r.seq_len] = True
         token_index = torch.tensor([r.token_start for r in decodes], dtype=torch.long)
         seq_lens = torch.tensor([r.seq_len for r in decodes], dtype=torch.int32)
         return VotedDecodeBatch(token_index, block_index, valid, seq_lens)
-
-
-class KeepKVCPUModelRunner(CompressionRunnerMixin, CPUModelRunner):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._kvc_init()
-
-
-class KeepKVGPUModelRunner(CompressionRunnerMixin, GPUModelRunner):
-    """vLLM's V1 GPU runner with compression (the worker selects V1; see worker.py)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._kvc_init()

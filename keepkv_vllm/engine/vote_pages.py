@@ -1,6 +1,6 @@
 """What every keepkv attention backend adds to vLLM's: votes in the page padding, and the
-observation window. Shared by the CPU backend (cpu_attention.py) and the FlashAttention-layout
-backend (flash_attention.py)."""
+observation window. Shared by the CPU backend (engine/cpu/attention.py) and the FlashAttention-layout
+backend (engine/gpu/flash_attention.py)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,11 @@ No vLLM import: the runner fills it, the backends read it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +21,7 @@ import torch
 from keepkv_vllm.attention.kv_layout import PagedKV
 from keepkv_vllm.config import KVCompressionConfig
 from keepkv_vllm.engine.window import QueryWindow
+from keepkv_vllm.host_sync import count_host_syncs
 from keepkv_vllm.methods import KVCompressionMethod, get_method
 
 
@@ -26,7 +32,7 @@ class VotedRequest:
     index: int  # its row in the step's batch
     token_start: int
     token_end: int
-    block_ids: torch.Tensor
+    block_ids: tuple[int, ...]  # its blocks (host ints: only the CPU backend reads them)
     seq_len: int  # slots visible after this step's tokens are written
 
 
@@ -57,6 +63,54 @@ class StepPlan:
         return [r for r in self.voted if r.token_end - r.token_start > 1]
 
 
+logger = logging.getLogger("vllm.keepkv")
+
+#: test setting: count the host synchronisations of the plugin's own per-step and per-order code
+AUDIT_ENV = "KEEPKV_AUDIT_HOST_SYNCS"
+
+
+class SyncAudit:
+    """Host synchronisations made by the plugin's code in each step and each compression order
+    (``KEEPKV_AUDIT_HOST_SYNCS=1``: a CPU test runs the GPU backend under it). vLLM's helpers
+    called from ours are not counted (they read their host-side mirrors, ``query_start_loc_cpu``,
+    which on the CPU look like any tensor); Triton's interpreter is not (on a GPU, a launch)."""
+
+    def __init__(self) -> None:
+        self.step = self.step_max = self.order_max = self.steps = self.orders = 0
+        self.sites: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def count(self, order: bool = False) -> Iterator[None]:
+        with count_host_syncs() as found:
+            yield
+        calls = [call for call in found.calls if call.in_plugin]
+        for call in calls:
+            site = f"{call.what} at {call.where}"
+            if site not in self.sites:
+                logger.warning(
+                    "kv compression: host synchronisation in %s: %s", "an order" if order else "a step", site
+                )
+            self.sites[site] = self.sites.get(site, 0) + 1
+        if order:
+            self.orders += 1
+            self.order_max = max(self.order_max, len(calls))
+        else:
+            self.step += len(calls)
+
+    def end_step(self) -> None:
+        self.steps += 1
+        self.step_max = max(self.step_max, self.step)
+        self.step = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "host_sync_steps": self.steps,
+            "host_sync_orders": self.orders,
+            "host_syncs_per_step_max": self.step_max,
+            "host_syncs_per_order_max": self.order_max,
+        }
+
+
 class WorkerCompressionState:
     def __init__(self, config: KVCompressionConfig) -> None:
         self.config = config
@@ -71,6 +125,11 @@ class WorkerCompressionState:
         self.votes_written = False
         self.step: StepPlan | None = None
         self.vote_attention_seconds = 0.0  # time spent in vote-weighted rows (profiling)
+        self.audit = SyncAudit() if os.environ.get(AUDIT_ENV) == "1" else None
+
+    def audited(self, order: bool = False) -> contextlib.AbstractContextManager:
+        """Count this block's host synchronisations when auditing (a test setting), else nothing."""
+        return self.audit.count(order) if self.audit is not None else contextlib.nullcontext()
 
     def method_for(self, name: str) -> KVCompressionMethod:
         """The method an order names (per-request ``kv_method``), built once per worker."""
@@ -109,3 +168,17 @@ def install(state: WorkerCompressionState | None) -> None:
 
 def current() -> WorkerCompressionState | None:
     return _CURRENT
+
+
+def audit_syncs(fn: Callable) -> Callable:
+    """An attention backend's per-step call, counted into the worker's sync audit when it is on."""
+
+    @functools.wraps(fn)
+    def audited_call(*args: object, **kwargs: object) -> object:
+        state = _CURRENT
+        if state is None or state.audit is None:
+            return fn(*args, **kwargs)
+        with state.audit.count():
+            return fn(*args, **kwargs)
+
+    return audited_call

@@ -7,12 +7,19 @@ FlashAttention layout [num_blocks, block_size, H_kv, d] or the plain [num_blocks
 block_size, d]), log-votes ``log p`` from a [num_blocks, H_kv, block_size] float32 tensor of
 any strides (the engine keeps them in each block's page padding; 0 = vote 1, unmerged).
 Storing log p, not p, saves a logarithm per slot and step, and the zeroed padding of a
-fresh cache already reads as "no merges". One program handles
-BLOCK_Q query tokens x the GROUP query heads of one kv-head (GQA: keys are loaded once per
-kv-head) over one split of the KV range; with NUM_SPLITS > 1, partial (max, sum, acc) go
-to a fixed workspace and a second kernel combines them, so one long request still fills the
-GPU. No host synchronisation and no allocation inside ``forward`` when the caller passes
-the workspace: the decode path can be captured in a CUDA graph.
+fresh cache already reads as "no merges". One program handles ``block_q`` query tokens x the
+``group`` query heads of one kv-head (GQA: keys are loaded once per kv-head) over one split of
+the KV range; with ``num_splits`` > 1, partial (max, sum, acc) go to a fixed workspace and a
+second kernel combines them, so one long request still fills the GPU. No host
+synchronisation and no allocation inside ``forward`` when the caller passes the workspace.
+
+What a GPU compiler sees, not only the interpreter (tests/test_kernel_compile.py compiles
+every variant for sm_80/sm_90/sm_100): constants used inside a kernel are ``tl.constexpr``;
+offsets into the paged cache are 64-bit; fp32 dots are IEEE (TF32 is Triton's default);
+what changes from step to step (group, query tile, split count) is a runtime argument, so a
+server needs a handful of compiled variants, all compiled by its startup self-check.
+``attention_launches``/``store_launch`` build the launches without running them: the same
+argument lists feed the launch and the cross-compilation.
 
 torch + triton only (no vLLM import): testable on the CPU with TRITON_INTERPRET=1.
 """
@@ -21,12 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-_NEG = -1.0e30  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) stays 1, not NaN
+# a finite "minus infinity" for running maxima: exp(_NEG - _NEG) stays 1, not NaN. A constexpr:
+# the compiler, unlike the interpreter, refuses plain Python globals inside a kernel
+_NEG = tl.constexpr(-1.0e30)
+#: the combine kernel reads this many split partials, masked to the launch's own count
+MAX_SPLITS = 64
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Triton's interpreter rounds fp32 -> fp8 wrongly when rounding carries into the exponent
 # (7.96 -> 4.0, not 8.0): there, fp8 stores go through torch (the kernel is tested on values
@@ -34,7 +46,11 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _INTERPRETER_FP8_IN_TORCH = True
 
 
-@triton.jit
+# Shapes that change from launch to launch (GQA group, query tile, split count, block table
+# width) are runtime ints, not constexprs, so one compiled variant serves every step of a server
+# and the self-check can compile all of them before serving. Addresses into the paged cache
+# are 64-bit: a layer's cache passes 2**31 elements on large GPUs.
+@triton.jit(do_not_specialize=["stride_bt", "group", "block_q", "num_splits"])
 def _vote_attention_kernel(
     Q,
     K,
@@ -64,17 +80,19 @@ def _vote_attention_kernel(
     num_q_heads,
     scale,
     v_scale,
-    GROUP: tl.constexpr,
+    group,
+    block_q,
+    block_size,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     USE_VOTES: tl.constexpr,
     UPCAST: tl.constexpr,
     FP8: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One (sequence, query tile, kv-head x split) program: online softmax over its KV tiles.
 
@@ -83,23 +101,24 @@ def _vote_attention_kernel(
     """
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+    kv_head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
 
     q_start = tl.load(QSL + seq)
     q_len = tl.load(QSL + seq + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:
+    if q_tile * block_q >= q_len:
         return
     seq_len = tl.load(SEQ_LENS + seq)
 
     rows = tl.arange(0, BLOCK_M)
-    tok = q_tile * BLOCK_Q + rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    tok = q_tile * block_q + rows // group
+    head = kv_head * group + rows % group
+    row_ok = (rows < block_q * group) & (tok < q_len)
     dims = tl.arange(0, D_PAD)
     dim_ok = dims < HEAD_DIM
+    token = (q_start + tok).to(tl.int64)
     q = tl.load(
-        Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        Q + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
@@ -107,29 +126,31 @@ def _vote_attention_kernel(
         q = q.to(tl.float32)
     q_pos = seq_len - q_len + tok  # slot index of each query token: it sees slots <= q_pos
 
-    # this tile's queries see at most kv_end slots; split them evenly over NUM_SPLITS
-    kv_end = tl.minimum(seq_len, seq_len - q_len + (q_tile + 1) * BLOCK_Q)
+    # this tile's queries see at most kv_end slots; split them evenly over num_splits
+    kv_end = tl.minimum(seq_len, seq_len - q_len + (q_tile + 1) * block_q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(num_tiles, num_splits)
     first = split * per_split
     last = tl.minimum(first + per_split, num_tiles)
 
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for n in range(first, last):
         slots = n * BLOCK_N + tl.arange(0, BLOCK_N)
         slot_ok = slots < kv_end
-        blk = tl.load(BT + seq * stride_bt + slots // BLOCK_SIZE, mask=slot_ok, other=0)
-        off = slots % BLOCK_SIZE
+        blk = tl.load(BT + seq * stride_bt + slots // block_size, mask=slot_ok, other=0).to(tl.int64)
+        off = slots % block_size
         kv_mask = slot_ok[:, None] & dim_ok[None, :]
         k = tl.load(
-            K + blk[:, None] * stride_kb + off[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+            k_head + blk[:, None] * stride_kb + off[:, None] * stride_ks + dims[None, :],
             mask=kv_mask,
             other=0.0,
         )
         v = tl.load(
-            V + blk[:, None] * stride_vb + off[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+            v_head + blk[:, None] * stride_vb + off[:, None] * stride_vs + dims[None, :],
             mask=kv_mask,
             other=0.0,
         )
@@ -139,7 +160,7 @@ def _vote_attention_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         if USE_VOTES:
             log_p = tl.load(
                 P + blk * stride_pb + kv_head * stride_ph + off * stride_ps, mask=slot_ok, other=0.0
@@ -151,26 +172,25 @@ def _vote_attention_kernel(
         alpha = tl.exp(m_i - m_new)
         e = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(e, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m_i = m_new
 
-    token = q_start + tok
     acc = acc * v_scale
-    if NUM_SPLITS == 1:
+    if SPLIT:
+        ws = (token * num_q_heads + head) * num_splits + split
+        tl.store(WS_M + ws, m_i, mask=row_ok)
+        tl.store(WS_L + ws, l_i, mask=row_ok)
+        tl.store(WS_ACC + ws[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
+    else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows (seq_len 0) write zeros
         tl.store(
             OUT + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
             out.to(OUT.dtype.element_ty),
             mask=row_ok[:, None] & dim_ok[None, :],
         )
-    else:
-        ws = (token * num_q_heads + head) * NUM_SPLITS + split
-        tl.store(WS_M + ws, m_i, mask=row_ok)
-        tl.store(WS_L + ws, l_i, mask=row_ok)
-        tl.store(WS_ACC + ws[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
     WS_M,
     WS_L,
@@ -179,18 +199,20 @@ def _combine_splits_kernel(
     stride_ot,
     stride_oh,
     num_q_heads,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    MAX_SPLITS: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    base = (token * num_q_heads + head) * NUM_SPLITS
-    splits = tl.arange(0, NUM_SPLITS)
+    base = (token * num_q_heads + head) * num_splits
+    splits = tl.arange(0, MAX_SPLITS)
+    used = splits < num_splits
     dims = tl.arange(0, D_PAD)
-    m = tl.load(WS_M + base + splits)
-    l = tl.load(WS_L + base + splits)  # noqa: E741
-    acc = tl.load(WS_ACC + (base + splits)[:, None] * D_PAD + dims[None, :])
+    m = tl.load(WS_M + base + splits, mask=used, other=_NEG)
+    l = tl.load(WS_L + base + splits, mask=used, other=0.0)  # noqa: E741
+    acc = tl.load(WS_ACC + (base + splits)[:, None] * D_PAD + dims[None, :], mask=used[:, None], other=0.0)
     m_max = tl.max(m, axis=0)
     w = tl.exp(m - m_max)  # empty splits carry _NEG and weigh 0
     denom = tl.sum(l * w, axis=0)
@@ -233,7 +255,7 @@ def pick_num_splits(
     programs = max(1, num_seqs * num_kv_heads)
     want = max(1, (2 * num_sms) // programs)
     longest = max(1, math.ceil(max_seq_len / (4 * block_n)))
-    return 1 << (min(want, longest, 64).bit_length() - 1)  # a power of two for the combine
+    return 1 << (min(want, longest, MAX_SPLITS).bit_length() - 1)  # a power of two
 
 
 def max_split_rows(max_num_seqs: int, num_kv_heads: int, max_model_len: int, num_sms: int) -> int:
@@ -241,6 +263,141 @@ def max_split_rows(max_num_seqs: int, num_kv_heads: int, max_model_len: int, num
     return max(
         n * pick_num_splits(n, num_kv_heads, max_model_len, num_sms) for n in range(1, max_num_seqs + 1)
     )
+
+
+def split_choices(num_kv_heads: int, max_model_len: int, num_sms: int) -> list[int]:
+    """Every split count ``pick_num_splits`` can return on this server: powers of two up to the
+    count for one request at ``max_model_len`` (fewer requests or longer contexts never split less)."""
+    most = pick_num_splits(1, num_kv_heads, max_model_len, num_sms)
+    return [1 << i for i in range(most.bit_length())]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, by argument name: what runs, and what a GPU compiler is given."""
+
+    kernel: Any  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: dict[str, Any]  # runtime arguments in the kernel's order
+    constexprs: dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs)
+
+
+def attention_launches(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    log_votes: torch.Tensor | None,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int = 1,
+    workspace: Workspace | None = None,
+    block_q: int | None = None,
+    block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> list[Launch]:
+    """The launches of ``vote_paged_attention`` (arguments as there), built without running them.
+
+    (Long only for the kernel's argument list, one line per pointer, stride and constant.)
+    """
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous in query and caches")
+    if not 1 <= num_splits <= MAX_SPLITS or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two up to {MAX_SPLITS}, got {num_splits}")
+    group = num_q_heads // num_kv_heads
+    if block_q is None:
+        block_q = 1 if max_query_len == 1 else max(1, 64 // group)
+    d_pad = _d_pad(head_dim)
+    if num_splits > 1:
+        if workspace is None:
+            workspace = Workspace.allocate(num_tokens, num_q_heads, head_dim, num_splits, query.device)
+        ws = (workspace.m, workspace.l, workspace.acc)
+    else:
+        ws = (out, out, out)  # unused
+    p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
+    # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): upcast there
+    # only; on a GPU bf16 tiles go to the tensor cores as they are
+    upcast = query.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+    fp32_dot = query.dtype == torch.float32 or upcast
+    attention = Launch(
+        _vote_attention_kernel,
+        (seq_lens.shape[0], triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits),
+        dict(
+            Q=query,
+            K=key_cache,
+            V=value_cache,
+            P=log_votes if log_votes is not None else key_cache,  # unused pointer without votes
+            BT=block_table,
+            SEQ_LENS=seq_lens,
+            QSL=query_start_loc,
+            OUT=out,
+            WS_M=ws[0],
+            WS_L=ws[1],
+            WS_ACC=ws[2],
+            stride_qt=query.stride(0),
+            stride_qh=query.stride(1),
+            stride_kb=key_cache.stride(0),
+            stride_ks=key_cache.stride(1),
+            stride_kh=key_cache.stride(2),
+            stride_vb=value_cache.stride(0),
+            stride_vs=value_cache.stride(1),
+            stride_vh=value_cache.stride(2),
+            stride_pb=p_strides[0],
+            stride_ph=p_strides[1],
+            stride_ps=p_strides[2],
+            stride_bt=block_table.stride(0),
+            stride_ot=out.stride(0),
+            stride_oh=out.stride(1),
+            num_q_heads=num_q_heads,
+            scale=scale * k_scale,
+            v_scale=v_scale,
+            group=group,
+            block_q=block_q,
+            block_size=block_size,
+            num_splits=num_splits,
+        ),
+        dict(
+            HEAD_DIM=head_dim,
+            D_PAD=d_pad,
+            BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
+            BLOCK_N=block_n or 64,  # slots per KV tile; block ids are looked up per slot
+            SPLIT=num_splits > 1,
+            USE_VOTES=log_votes is not None,
+            UPCAST=upcast,
+            FP8=key_cache.dtype in FP8_DTYPES,
+            # fp32: exact products (tl.dot's default on fp32 is TF32, ~1e-3 relative error)
+            PRECISION="ieee" if fp32_dot else "tf32",
+        ),
+    )
+    if num_splits == 1:
+        return [attention]
+    combine = Launch(
+        _combine_splits_kernel,
+        (num_tokens, num_q_heads),
+        dict(
+            WS_M=workspace.m,
+            WS_L=workspace.l,
+            WS_ACC=workspace.acc,
+            OUT=out,
+            stride_ot=out.stride(0),
+            stride_oh=out.stride(1),
+            num_q_heads=num_q_heads,
+            num_splits=num_splits,
+        ),
+        dict(HEAD_DIM=head_dim, D_PAD=d_pad, MAX_SPLITS=MAX_SPLITS),
+    )
+    return [attention, combine]
 
 
 def vote_paged_attention(
@@ -271,88 +428,15 @@ def vote_paged_attention(
     log_votes: [num_blocks, H_kv, block_size] float32 log p (None: every vote 1, plain paged attention).
     block_table [num_seqs, max_blocks] int32; seq_lens [num_seqs] (slots incl. this step's);
     query_start_loc [num_seqs + 1]. ``max_query_len`` is a host int (no sync): 1 for decode.
-
-    (Long only for the kernel's argument list, one line per pointer, stride and constant.)
+    With ``num_splits`` > 1 the KV range of each sequence is split over that many programs
+    (partials in ``workspace``, allocated when not given) and combined by a second kernel.
     """
-    num_tokens, num_q_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
-        raise ValueError("the head dimension must be contiguous in query and caches")
-    if num_splits < 1 or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
-    group = num_q_heads // num_kv_heads
-    num_seqs = seq_lens.shape[0]
     out = torch.empty_like(query) if out is None else out
-    if block_q is None:
-        block_q = 1 if max_query_len == 1 else max(1, 64 // group)
-    block_m = max(16, triton.next_power_of_2(block_q * group))
-    block_n = block_n or 64  # slots per KV tile; block ids are looked up per slot
-    d_pad = _d_pad(head_dim)
-    if num_splits > 1:
-        if workspace is None:
-            workspace = Workspace.allocate(num_tokens, num_q_heads, head_dim, num_splits, query.device)
-        ws = (workspace.m, workspace.l, workspace.acc)
-    else:
-        ws = (out, out, out)  # unused
-    pv = log_votes if log_votes is not None else key_cache  # unused pointer when USE_VOTES is False
-    p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
-    _vote_attention_kernel[grid](
-        query,
-        key_cache,
-        value_cache,
-        pv,
-        block_table,
-        seq_lens,
-        query_start_loc,
-        out,
-        *ws,
-        query.stride(0),
-        query.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        value_cache.stride(0),
-        value_cache.stride(1),
-        value_cache.stride(2),
-        p_strides[0],
-        p_strides[1],
-        p_strides[2],
-        block_table.stride(0),
-        out.stride(0),
-        out.stride(1),
-        num_q_heads,
-        scale * k_scale,
-        v_scale,
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        D_PAD=d_pad,
-        BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        USE_VOTES=log_votes is not None,
-        # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16): upcast
-        # there only; on a GPU bf16 tiles go to the tensor cores as they are.
-        UPCAST=query.dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret),
-        FP8=key_cache.dtype in FP8_DTYPES,
-    )
-    if num_splits > 1:
-        _combine_splits_kernel[(num_tokens, num_q_heads)](
-            workspace.m,
-            workspace.l,
-            workspace.acc,
-            out,
-            out.stride(0),
-            out.stride(1),
-            num_q_heads,
-            HEAD_DIM=head_dim,
-            D_PAD=d_pad,
-            NUM_SPLITS=num_splits,
-        )
+    for launch in attention_launches(
+        query, key_cache, value_cache, log_votes, block_table, seq_lens, query_start_loc,
+        max_query_len, scale, out, num_splits, workspace, block_q, block_n, k_scale, v_scale,
+    ):  # fmt: skip
+        launch()
     return out
 
 
@@ -377,36 +461,85 @@ def _store_kv_kernel(
     stride_pb,
     stride_ph,
     stride_ps,
-    num_kv_heads,
+    block_size,
     k_scale,
     v_scale,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
-    H_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
     RESET_VOTES: tl.constexpr,
     FP8_MAX: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    """One (token, kv-head) program: its key and value into its slot, and its vote reset."""
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
     slot = tl.load(SLOTS + t).to(tl.int64)
     if slot >= 0:  # -1: padding token, nothing to write
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        heads = tl.arange(0, H_PAD)
+        blk = slot // block_size
+        off = slot % block_size
         dims = tl.arange(0, D_PAD)
-        head_ok = heads < num_kv_heads
-        mask = head_ok[:, None] & (dims < HEAD_DIM)[None, :]
-        k = tl.load(KEY + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
-        v = tl.load(VALUE + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+        mask = dims < HEAD_DIM
+        k = tl.load(KEY + t * stride_kt + head * stride_kh + dims, mask=mask)
+        v = tl.load(VALUE + t * stride_vt + head * stride_vh + dims, mask=mask)
         if FP8_MAX > 0:  # fp8: stored = x / scale, saturated at the format's largest finite value
             k = tl.clamp(k.to(tl.float32) / k_scale, -FP8_MAX, FP8_MAX)
             v = tl.clamp(v.to(tl.float32) / v_scale, -FP8_MAX, FP8_MAX)
-        k_dst = K_CACHE + blk * stride_kcb + off * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
-        v_dst = V_CACHE + blk * stride_vcb + off * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
+        k_dst = K_CACHE + blk * stride_kcb + off * stride_kcs + head * stride_kch + dims
+        v_dst = V_CACHE + blk * stride_vcb + off * stride_vcs + head * stride_vch + dims
         tl.store(k_dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
         tl.store(v_dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
         if RESET_VOTES:  # a fresh token has vote 1 (log 0), also in a reused block
-            tl.store(P + blk * stride_pb + heads * stride_ph + off * stride_ps, 0.0, mask=head_ok)
+            tl.store(P + blk * stride_pb + head * stride_ph + off * stride_ps, 0.0)
+
+
+def store_launch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    log_votes: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> Launch:
+    """The launch of ``store_kv`` (arguments as there), built without running it."""
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("the head dimension of key and value must be contiguous")
+    p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
+    return Launch(
+        _store_kv_kernel,
+        (slot_mapping.shape[0], num_kv_heads),
+        dict(
+            KEY=key,
+            VALUE=value,
+            K_CACHE=key_cache,
+            V_CACHE=value_cache,
+            P=log_votes if log_votes is not None else key_cache,
+            SLOTS=slot_mapping,
+            stride_kt=key.stride(0),
+            stride_kh=key.stride(1),
+            stride_vt=value.stride(0),
+            stride_vh=value.stride(1),
+            stride_kcb=key_cache.stride(0),
+            stride_kcs=key_cache.stride(1),
+            stride_kch=key_cache.stride(2),
+            stride_vcb=value_cache.stride(0),
+            stride_vcs=value_cache.stride(1),
+            stride_vch=value_cache.stride(2),
+            stride_pb=p_strides[0],
+            stride_ph=p_strides[1],
+            stride_ps=p_strides[2],
+            block_size=block_size,
+            k_scale=k_scale,
+            v_scale=v_scale,
+        ),
+        dict(
+            HEAD_DIM=head_dim,
+            D_PAD=_d_pad(head_dim),
+            RESET_VOTES=log_votes is not None,
+            FP8_MAX=torch.finfo(key_cache.dtype).max if key_cache.dtype in FP8_DTYPES else 0.0,
+        ),
+    )
 
 
 def store_kv(
@@ -424,48 +557,15 @@ def store_kv(
     fp8 caches (float8 views) store ``x / scale``, saturated, as vLLM's own cache write does.
 
     ``slot_mapping`` [n] (n <= num_tokens; -1 = padding, skipped) gives block * block_size +
-    offset; caches as in ``vote_paged_attention``. One program per token, no host sync: the
-    same launch serves eager steps and captured graphs.
+    offset; caches as in ``vote_paged_attention``. One program per token and kv-head, no host
+    sync: the same launch serves eager steps and captured graphs.
     """
-    n = slot_mapping.shape[0]
-    if n == 0:
+    if slot_mapping.shape[0] == 0:
         return
-    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
-    if key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("the head dimension of key and value must be contiguous")
     if key_cache.dtype in FP8_DTYPES and _INTERPRETER_FP8_IN_TORCH and triton.knobs.runtime.interpret:
         _store_kv_torch(key, value, key_cache, value_cache, log_votes, slot_mapping, k_scale, v_scale)
         return
-    pv = log_votes if log_votes is not None else key_cache
-    p_strides = log_votes.stride() if log_votes is not None else (0, 0, 0)
-    _store_kv_kernel[(n,)](
-        key,
-        value,
-        key_cache,
-        value_cache,
-        pv,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
-        value_cache.stride(0),
-        value_cache.stride(1),
-        value_cache.stride(2),
-        *p_strides,
-        num_kv_heads,
-        k_scale,
-        v_scale,
-        HEAD_DIM=head_dim,
-        D_PAD=_d_pad(head_dim),
-        H_PAD=triton.next_power_of_2(num_kv_heads),
-        BLOCK_SIZE=block_size,
-        RESET_VOTES=log_votes is not None,
-        FP8_MAX=torch.finfo(key_cache.dtype).max if key_cache.dtype in FP8_DTYPES else 0.0,
-    )
+    store_launch(key, value, key_cache, value_cache, log_votes, slot_mapping, k_scale, v_scale)()
 
 
 def _store_kv_torch(

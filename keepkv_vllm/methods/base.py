@@ -65,9 +65,11 @@ class Selection:
 
     @functools.cached_property
     def evicted(self) -> torch.Tensor:
-        """[H_kv, T - K] ascending: every slot not kept."""
+        """[H_kv, T - K] ascending: every slot not kept. (A stable sort puts each row's evicted
+        slots first, in order: unlike ``nonzero``, no wait for the device to count them.)"""
         h, t = self.votes.shape
-        return evicted_mask(self.kept, t).nonzero()[:, 1].view(h, t - self.kept.shape[1])
+        kept = (~evicted_mask(self.kept, t)).to(torch.uint8)
+        return torch.sort(kept, dim=1, stable=True).indices[:, : t - self.kept.shape[1]]
 
     @property
     def heavy_positions(self) -> slice:
@@ -120,9 +122,18 @@ class KVCompressionMethod(ABC):
         votes: torch.Tensor,
         queries: torch.Tensor,
         budget: int,
+        *,
+        check_values: bool = True,
     ) -> CompressionResult:
-        """Validate, short-circuit when under budget, else select and merge."""
-        _, t, _ = _validate(keys, values, votes, queries, budget)
+        """Validate, short-circuit when under budget, else select and merge.
+
+        ``check_values=False`` skips the checks that read tensor values (NaN/inf, votes > 0):
+        each waits for the device. The engine runs without them, counting non-finite inputs
+        itself, once per order (engine/compaction.py); shapes are always checked.
+        """
+        _, t, _ = _validate_shapes(keys, values, votes, queries, budget)
+        if check_values:
+            _validate_values(keys, values, votes, queries)
         if t <= budget:
             return _identity(keys, values, votes)
         span = self.protected_span(budget, queries.shape[1])
@@ -203,7 +214,7 @@ def log_window_mass(
     num = torch.logsumexp((logits + alpha.log().view(1, 1, w, 1)).flatten(1, 2), dim=1)  # [H_kv, T]
     # normaliser: sum of the weights of the queries that see slot j (all of them, except
     # for the newest W - 1 slots when causal)
-    den = torch.full((t,), float(alpha.sum()) * group, dtype=logits.dtype, device=logits.device)
+    den = torch.full((t,), weight_sum(w, distance_weight) * group, dtype=logits.dtype, device=logits.device)
     if causal and w > 1:
         tail = alpha.flip(0).cumsum(0).flip(0)[1:] * group  # slot T-W+i is seen by queries i..W-1
         den[t - w + 1 :] = tail
@@ -222,7 +233,13 @@ def log_window_probability(
     _, group, w, _ = log_p.shape
     alpha = torch.linspace(1.0, distance_weight, w, dtype=log_p.dtype, device=log_p.device)
     weighted = (log_p + alpha.log().view(1, 1, w, 1)).flatten(1, 2)
-    return torch.logsumexp(weighted, dim=1) - math.log(float(alpha.sum()) * group)
+    return torch.logsumexp(weighted, dim=1) - math.log(weight_sum(w, distance_weight) * group)
+
+
+def weight_sum(w: int, distance_weight: float) -> float:
+    """Sum of the window's query weights, linear from 1 to ``distance_weight`` over ``w`` queries
+    (an arithmetic series: computed on the host, not read back from the device)."""
+    return w * (1.0 + distance_weight) / 2.0
 
 
 def window_vote_logits(keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -321,7 +338,7 @@ def all_finite(x: torch.Tensor) -> bool:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _validate(
+def _validate_shapes(
     keys: torch.Tensor,
     values: torch.Tensor,
     votes: torch.Tensor,
@@ -349,12 +366,26 @@ def _validate(
         raise ValueError(f"window W={w} must satisfy 1 <= W <= T={t}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int (slots per head), got {budget!r}")
+    return h_kv, t, d
+
+
+def _validate_values(
+    keys: torch.Tensor, values: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor
+) -> None:
     for name, x in (("keys", keys), ("values", values), ("queries", queries), ("votes", votes)):
         if not all_finite(x):
             raise ValueError(f"{name} contains NaN or inf")
     if (votes <= 0).any():
         raise ValueError("votes must be > 0 (1 for an unmerged token)")
-    return h_kv, t, d
+
+
+def count_invalid(
+    keys: torch.Tensor, values: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor
+) -> torch.Tensor:
+    """On the device, without waiting for it: how many inputs ``check_values`` would refuse
+    (NaN/inf elements, votes <= 0). A 0-dim int64 tensor."""
+    bad = [(~torch.isfinite(x)).sum() for x in (keys, values, queries, votes)]
+    return torch.stack([*bad, (votes <= 0).sum()]).sum()
 
 
 # -- registry --------------------------------------------------------------------------

@@ -45,6 +45,11 @@ METRICS = {
         "saturated_elements",
         "fp8 KV elements of merged slots clipped to the format's largest finite value",
     ),
+    "keepkv_invalid_inputs": (
+        "worker",
+        "invalid_inputs",
+        "NaN/inf cache entries or votes <= 0 met while compressing (that request's cache was corrupt)",
+    ),
 }
 POLL_SECONDS = 1.0
 

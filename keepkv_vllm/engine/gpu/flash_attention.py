@@ -130,6 +130,7 @@ class KeepKVFlashMetadataBuilder(AttentionMetadataBuilder[KeepKVFlashMetadata]):
         )
         self.workspace = Workspace.allocate(rows, self.num_q_heads, kv_cache_spec.head_size, 1, device)
 
+    @worker_state.audit_syncs
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> KeepKVFlashMetadata:
@@ -226,6 +227,10 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
     def get_impl_variants(self) -> tuple[Any, ...]:
         return (self,) if self.flash_impl is None else (self, self.flash_impl)
 
+    def forget_kv_cache(self) -> None:
+        """Drop the views of the last cache (vLLM is freeing it: a profiling cache)."""
+        self._views = None
+
     def _cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # one layer per impl: build the views once per cache tensor (vLLM may re-create it)
         if self._views is None or self._views[0] is not kv_cache:
@@ -239,6 +244,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
             self.flash_impl = FlashAttentionImpl(*self.args)
         return self.flash_impl
 
+    @worker_state.audit_syncs
     def forward(
         self,
         layer: torch.nn.Module,
@@ -320,6 +326,7 @@ class KeepKVFlashAttentionImpl(AttentionImpl[KeepKVFlashMetadata]):
             v_scale=quant.v_scale,
         )
 
+    @worker_state.audit_syncs
     def do_kv_cache_update(
         self,
         layer: torch.nn.Module,

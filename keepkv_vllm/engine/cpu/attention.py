@@ -35,7 +35,7 @@ from keepkv_vllm.attention.kv_layout import gather_block_votes
 from keepkv_vllm.attention.paged_torch import batched_vote_decode, paged_vote_attention
 from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.engine import worker_state
-from keepkv_vllm.engine.cpu_cache import CPUPagedKV
+from keepkv_vllm.engine.cpu.cache import CPUPagedKV
 from keepkv_vllm.engine.vote_pages import record_window, spec_with_votes
 from keepkv_vllm.engine.worker_state import VotedDecodeBatch
 
@@ -105,7 +105,11 @@ class VoteCPUAttentionImpl(CPUAttentionBackendImpl):
             if batch is not None and req.token_end - req.token_start == 1:
                 continue  # done above
             rows[req.token_start : req.token_end] = paged_vote_attention(
-                q[req.token_start : req.token_end], paged, req.block_ids, req.seq_len, self.scale
+                q[req.token_start : req.token_end],
+                paged,
+                torch.tensor(req.block_ids),
+                req.seq_len,
+                self.scale,
             ).to(rows.dtype)
 
     def _decode_rows(
