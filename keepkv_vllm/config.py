@@ -26,6 +26,8 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 REQUEST_SWITCH_KEY = "kv_compression"
 REQUEST_BUDGET_KEY = "kv_budget"
 REQUEST_METHOD_KEY = "kv_method"
+#: every per-request option (``vllm_xargs``); another ``kv_`` key is refused
+REQUEST_KEYS = (REQUEST_SWITCH_KEY, REQUEST_BUDGET_KEY, REQUEST_METHOD_KEY)
 
 
 def shown(v: Any, limit: int = 40) -> str:
@@ -225,15 +227,34 @@ def load_config_arg(value: str | dict[str, Any] | None) -> dict[str, Any]:
 
 
 def parse_request_options(extra_args: dict[str, Any] | None) -> RequestOptions:
-    """Read the per-request options; raise ConfigError (→ HTTP 400) on bad values."""
+    """Read the per-request options; raise ConfigError (→ HTTP 400) on bad values.
+
+    Every ``kv_`` key must be one of REQUEST_KEYS (a misspelt option would otherwise do nothing
+    while the client believes it is in force); other keys belong to other extensions. Options
+    that cannot all hold (a budget or method for a request with compression off) are refused.
+    """
     if not extra_args:
         return RequestOptions()
+    for key in extra_args:
+        if isinstance(key, str) and key.startswith("kv_") and key not in REQUEST_KEYS:
+            raise ConfigError(
+                f"vllm_xargs.{key[:60]}: unknown kv compression option; "
+                f"the options are {', '.join(REQUEST_KEYS)}"
+            )
     switch = extra_args.get(REQUEST_SWITCH_KEY, "on")
-    if not (isinstance(switch, bool) or (isinstance(switch, str) and switch in ("on", "off"))):
+    if switch == "off":
+        moot = [k for k in (REQUEST_BUDGET_KEY, REQUEST_METHOD_KEY) if k in extra_args]
+        if moot:
+            raise ConfigError(
+                f"vllm_xargs.{moot[0]}: has no effect with {REQUEST_SWITCH_KEY} 'off'; send one or the other"
+            )
+    # strings only: over HTTP vLLM's request model turns a JSON false into 0 before anyone
+    # sees it, so a boolean could not mean the same on both paths
+    if not (isinstance(switch, str) and switch in ("on", "off")):
         raise ConfigError(f"vllm_xargs.{REQUEST_SWITCH_KEY} must be 'on' or 'off', got {shown(switch)}")
     try:
         return RequestOptions(
-            enabled=switch in ("on", True),
+            enabled=switch == "on",
             budget=extra_args.get(REQUEST_BUDGET_KEY),
             method=extra_args.get(REQUEST_METHOD_KEY),
         )

@@ -40,7 +40,7 @@ def test_request_options_parse_exactly():
     assert parse_request_options({"kv_budget": 0.25}).budget == 0.25
     assert parse_request_options({"kv_budget": 512}).budget == 512
     assert parse_request_options({"kv_compression": "off"}).enabled is False
-    assert parse_request_options({"kv_compression": False}).enabled is False
+    assert parse_request_options({"kv_compression": "on", "kv_budget": 0.5}).budget == 0.5
     assert parse_request_options({"kv_method": "h2o"}).method == "h2o"
     assert parse_request_options({"unrelated": object()}) == RequestOptions()  # other plugins' keys
 
@@ -59,6 +59,11 @@ def test_request_options_parse_exactly():
         ({"kv_method": "none"}, "kv_method"),
         ({"kv_method": "KeepKV"}, "kv_method"),
         ({"kv_method": ["keepkv"]}, "kv_method"),
+        ({"kv_compression": False}, "kv_compression"),  # 'on'/'off' only: JSON false is 0 over HTTP
+        ({"kv_buget": 0.2}, "kv_buget"),  # a misspelt option would silently do nothing
+        ({"kv_bogus": 1}, "kv_bogus"),
+        ({"kv_compression": "off", "kv_budget": 0.2}, "kv_budget"),  # moot with compression off
+        ({"kv_compression": "off", "kv_method": "h2o"}, "kv_method"),
     ],
 )
 def test_bad_request_options_name_the_key(extra, key):
@@ -71,7 +76,9 @@ def test_bad_request_options_name_the_key(extra, key):
 @settings(max_examples=400, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["kv_budget", "kv_compression", "kv_method", "other"]), ANY_JSON, max_size=3
+        st.sampled_from(["kv_budget", "kv_compression", "kv_method", "kv_other", "other"]),
+        ANY_JSON,
+        max_size=3,
     )
 )
 def test_fuzzed_request_options_parse_or_raise_config_error(extra):
@@ -126,3 +133,18 @@ def test_tokens_within_target_bounds_the_last_token_count_below_a_limit(budget):
             continue
         exact = max((n for n in range(0, 13000) if config.target_tokens(n) <= limit), default=-1)
         assert exact - 2 <= last <= exact, (limit, last, exact)
+
+
+def test_an_unknown_kv_option_names_the_known_ones():
+    with pytest.raises(ConfigError, match=r"^vllm_xargs.kv_buget: .*kv_compression, kv_budget, kv_method$"):
+        parse_request_options({"kv_buget": 0.2})
+    assert parse_request_options({"other_extension": True}) == RequestOptions()  # not ours: untouched
+
+
+def test_the_request_guard_reads_the_json_the_client_sent():
+    from keepkv_vllm.server.request_guard import refusal
+
+    assert refusal(b'{"prompt": "hi", "vllm_xargs": {"kv_budget": true}}').startswith("vllm_xargs.kv_budget")
+    assert refusal(b'{"prompt": "hi", "vllm_xargs": {"kv_budget": 1}}') is None
+    assert refusal(b'{"prompt": "kv_ in the text", "vllm_xargs": {"other": true}}') is None
+    assert refusal(b"not json") is None  # vLLM answers that itself

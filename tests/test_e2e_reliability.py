@@ -98,6 +98,8 @@ BAD_XARGS = [
     {"kv_budget": "x" * 100_000},
     {"kv_method": "magic"},
     {"kv_compression": "sometimes"},
+    {"kv_budget": True},  # refused on the raw JSON (vLLM's model would make it 1)
+    {"kv_buget": 0.2},  # an unknown kv_ key
 ]
 
 

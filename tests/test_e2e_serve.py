@@ -218,28 +218,65 @@ def test_unpressured_request_matches_stock_token_for_token(servers, runs):
     assert a.usage.completion_tokens == b.usage.completion_tokens == 48
 
 
-@pytest.mark.parametrize(
-    "xargs, key",
-    [
-        ({"kv_budget": -1}, "kv_budget"),
-        ({"kv_budget": 0}, "kv_budget"),
-        ({"kv_budget": 1.5}, "kv_budget"),
-        ({"kv_budget": "lots"}, "kv_budget"),
-        ({"kv_compression": "maybe"}, "kv_compression"),
-        ({"kv_method": "magic"}, "kv_method"),
-    ],
-)
-@pytest.mark.parametrize("stream", [False, True])
-def test_bad_per_request_options_are_http_400(servers, xargs, key, stream):
+BAD_OPTIONS = [  # (vllm_xargs, the key the 400 must name)
+    ({"kv_budget": "abc"}, "kv_budget"),
+    ({"kv_budget": -1}, "kv_budget"),
+    ({"kv_budget": 0}, "kv_budget"),
+    ({"kv_budget": 0.0}, "kv_budget"),
+    ({"kv_budget": 1.5}, "kv_budget"),
+    ({"kv_budget": 1e308}, "kv_budget"),
+    ({"kv_budget": "0.2"}, "kv_budget"),
+    ({"kv_budget": [0.2]}, "kv_budget"),
+    ({"kv_budget": True}, "kv_budget"),  # JSON true: vLLM's request model would make it 1 token
+    ({"kv_budget": None}, "kv_budget"),  # refused by vLLM's own request validation
+    ({"kv_budget": {"a": 1}}, "kv_budget"),  # likewise
+    ({"kv_method": ""}, "kv_method"),
+    ({"kv_method": "KEEPKV"}, "kv_method"),
+    ({"kv_method": 1}, "kv_method"),
+    ({"kv_method": "magic"}, "kv_method"),
+    ({"kv_compression": "maybe"}, "kv_compression"),
+    ({"kv_compression": False}, "kv_compression"),
+    ({"kv_compression": True}, "kv_compression"),
+    ({"kv_bogus": 1}, "kv_bogus"),  # a kv_ key the plugin does not know
+    ({"kv_buget": 0.2}, "kv_buget"),  # a misspelt one, which would otherwise silently do nothing
+    ({"kv_methd": "h2o"}, "kv_methd"),
+    ({"kv_compression": "off", "kv_budget": 0.2}, "kv_budget"),  # contradictory
+    ({"kv_compression": "off", "kv_method": "h2o"}, "kv_method"),
+]
+
+
+def test_bad_per_request_options_are_http_400_and_running_requests_go_on(servers):
+    """Every bad kv option through the real server and openai client: a 400 naming the key,
+    streamed or not; a request running meanwhile completes as it does alone."""
+    import threading
+
     server = servers["keepkv"]
-    with pytest.raises(openai.BadRequestError) as err:
-        r = _complete(server, prompt="Hello", max_tokens=4, stream=stream, extra_body={"vllm_xargs": xargs})
-        if stream:
-            list(r)
-    assert err.value.status_code == 400
-    assert key in str(err.value)
-    ok = _complete(server, prompt="Hello", max_tokens=4)  # the server keeps serving
-    assert ok.usage.completion_tokens == 4
+    prompt = "Paul Graham wrote essays about startups. The most important thing for a startup is"
+    running: dict = {}
+    thread = threading.Thread(
+        target=lambda: running.update(
+            r=_complete(server, prompt=prompt, max_tokens=64, extra_body={"ignore_eos": True})
+        )
+    )
+    thread.start()
+    answers = []
+    for xargs, key in BAD_OPTIONS:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                r = _complete(
+                    server, prompt="Hello", max_tokens=4, stream=stream, extra_body={"vllm_xargs": xargs}
+                )
+                if stream:
+                    list(r)
+            answers.append((xargs, key, stream, err.value.status_code, str(err.value)))
+    thread.join()
+    for xargs, key, stream, status, message in answers:
+        assert status == 400 and key in message, (xargs, stream, message)
+    unknown = next(m for x, _, _, _, m in answers if x == {"kv_bogus": 1})
+    assert "kv_compression, kv_budget, kv_method" in unknown  # the known keys are named
+    alone = _complete(server, prompt=prompt, max_tokens=64, extra_body={"ignore_eos": True})
+    assert running["r"].usage.completion_tokens == 64
+    assert running["r"].choices[0].text == alone.choices[0].text
 
 
 def test_good_per_request_options_are_accepted(servers):

@@ -58,9 +58,7 @@ def gpu_path_modules() -> list[str]:
 
 
 def probe(modules: list[str]) -> dict[str, list[str]]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, *modules], capture_output=True, text=True, timeout=600
-    )
+    out = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -84,4 +82,5 @@ def test_gpu_path_modules_patch_nothing():
 
 def test_the_probe_sees_the_cpu_workers_patches():
     changed = probe(["keepkv_vllm.engine.cpu.worker"])["keepkv_vllm.engine.cpu.worker"]
-    assert {"torch.accelerator.get_memory_info", "torch.cuda.Event", "torch.Tensor.pin_memory"} <= set(changed)
+    patched = {"torch.accelerator.get_memory_info", "torch.cuda.Event", "torch.Tensor.pin_memory"}
+    assert patched <= set(changed)

@@ -1,4 +1,5 @@
-"""``GET /v1/kv_compression`` and ``keepkv_*`` Prometheus counters on ``/metrics``.
+"""``GET /v1/kv_compression``, ``keepkv_*`` Prometheus counters on ``/metrics``, and the check of
+per-request kv options on the raw request body (request_guard.py).
 
 A vLLM endpoint plugin (loaded by keepkv_vllm.plugin). Counters live in the engine
 processes; a background task in the API server polls them once a second and mirrors them
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from keepkv_vllm.server.request_guard import RequestOptionsGuard
 from keepkv_vllm.server.stats import fetch_stats
 
 logger = logging.getLogger("vllm.keepkv")
@@ -90,6 +92,8 @@ class KVCompressionEndpoint:
             return JSONResponse(await fetch_stats(client, check_votes=check_votes))
 
         app.include_router(router)
+        # per-request kv options, checked on the JSON the client sent (request_guard.py)
+        app.add_middleware(RequestOptionsGuard)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         state.kv_compression_client = engine_client
