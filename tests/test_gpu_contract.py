@@ -144,6 +144,21 @@ def test_vllm_cuda_selection_accepts_the_backend_for_served_shapes(dtype, head_s
     assert reasons == []
 
 
+def test_fp8_e4m3_is_refused_below_compute_capability_8_9_with_e5m2_named():
+    backend = flash_attention.KeepKVFlashAttentionBackend
+
+    def reasons(kv_cache_dtype, capability):
+        config = AttentionSelectorConfig(
+            head_size=128, dtype=torch.bfloat16, kv_cache_dtype=kv_cache_dtype, block_size=16
+        )
+        return backend.validate_configuration(device_capability=capability, **config._asdict())
+
+    assert any("fp8_e5m2" in r for r in reasons("fp8", DeviceCapability(8, 0)))
+    assert any("8.6" in r for r in reasons("fp8_e4m3", DeviceCapability(8, 6)))
+    assert reasons("fp8_e5m2", DeviceCapability(8, 0)) == []
+    assert reasons("fp8", DeviceCapability(8, 9)) == reasons("fp8", DeviceCapability(9, 0)) == []
+
+
 @pytest.mark.parametrize("layout, slot_major", [(KVCacheLayout.LBNHC, True), (KVCacheLayout.LBHNC, False)])
 def test_padded_pages_are_laid_out_as_vllm_allocates_them(layout, slot_major):
     spec = FullAttentionSpec(block_size=16, num_kv_heads=4, head_size=64, dtype=torch.bfloat16)

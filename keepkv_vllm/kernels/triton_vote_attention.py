@@ -37,6 +37,15 @@ import triton.language as tl
 # a finite "minus infinity" for running maxima: exp(_NEG - _NEG) stays 1, not NaN. A constexpr:
 # the compiler, unlike the interpreter, refuses plain Python globals inside a kernel
 _NEG = tl.constexpr(-1.0e30)
+#: fp32 caches: tl.dot on TF32 tensor cores, as vLLM's own Triton attention does for fp32 (there
+#: is no fp32 FlashAttention). "ieee" would give exact products at several times the cost and
+#: compile time (no tensor cores); the self-check's fp32 tolerance follows this choice. On the
+#: CPU interpreter every fp32 dot is exact whatever this says.
+FP32_DOT = "tf32"
+#: fp8 e4m3 (vLLM's "fp8" on CUDA) is a Triton type from compute capability 8.9 on (Ada, Hopper,
+#: Blackwell); on an A100 Triton refuses it ("type fp8e4nv not supported in this architecture"),
+#: e5m2 compiles everywhere. The backend refuses e4m3 below this, naming e5m2.
+FP8_E4M3_MIN_CAPABILITY = 89
 #: the combine kernel reads this many split partials, masked to the launch's own count
 MAX_SPLITS = 64
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -50,7 +59,7 @@ _INTERPRETER_FP8_IN_TORCH = True
 # width) are runtime ints, not constexprs, so one compiled variant serves every step of a server
 # and the self-check can compile all of them before serving. Addresses into the paged cache
 # are 64-bit: a layer's cache passes 2**31 elements on large GPUs.
-@triton.jit(do_not_specialize=["stride_bt", "group", "block_q", "num_splits"])
+@triton.jit(do_not_specialize=["stride_bt", "num_q_heads", "group", "block_q", "num_splits"])
 def _vote_attention_kernel(
     Q,
     K,
@@ -176,8 +185,8 @@ def _vote_attention_kernel(
         m_i = m_new
 
     acc = acc * v_scale
-    if SPLIT:
-        ws = (token * num_q_heads + head) * num_splits + split
+    if SPLIT:  # the workspace holds max_num_seqs x heads x splits rows: 32-bit offsets suffice
+        ws = ((q_start + tok) * num_q_heads + head) * num_splits + split
         tl.store(WS_M + ws, m_i, mask=row_ok)
         tl.store(WS_L + ws, l_i, mask=row_ok)
         tl.store(WS_ACC + ws[:, None] * D_PAD + dims[None, :], acc, mask=row_ok[:, None])
@@ -190,7 +199,7 @@ def _vote_attention_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_q_heads", "num_splits"])
 def _combine_splits_kernel(
     WS_M,
     WS_L,
@@ -246,6 +255,15 @@ class Workspace:
         n = max_tokens * num_q_heads * num_splits
         f32 = dict(dtype=torch.float32, device=device)
         return cls(torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n * d_pad, **f32))
+
+
+def kv_tile_slots(d_pad: int, element_size: int) -> int:
+    """Slots per KV tile: 16 KiB of keys (and as much of values) per pipeline stage in the dtype
+    the dots run in (the query's: fp8 tiles are widened), at most 64. Larger tiles of wide heads
+    overflow shared memory (an fp32 head-256 prefill tile of 64 slots asked 329 KB; an A100 block
+    gets 163 KB) and spill registers. Block ids are looked up per slot, so a tile need not match
+    the cache's block size."""
+    return max(16, min(64, (16 * 1024) // (d_pad * element_size)))
 
 
 def pick_num_splits(
@@ -371,13 +389,12 @@ def attention_launches(
             HEAD_DIM=head_dim,
             D_PAD=d_pad,
             BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
-            BLOCK_N=block_n or 64,  # slots per KV tile; block ids are looked up per slot
+            BLOCK_N=block_n or kv_tile_slots(d_pad, query.element_size()),
             SPLIT=num_splits > 1,
             USE_VOTES=log_votes is not None,
             UPCAST=upcast,
             FP8=key_cache.dtype in FP8_DTYPES,
-            # fp32: exact products (tl.dot's default on fp32 is TF32, ~1e-3 relative error)
-            PRECISION="ieee" if fp32_dot else "tf32",
+            PRECISION=FP32_DOT if fp32_dot else "tf32",  # (ignored for 16-bit and fp8 tiles)
         ),
     )
     if num_splits == 1:

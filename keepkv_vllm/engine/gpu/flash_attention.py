@@ -46,6 +46,7 @@ from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.vote_pages import record_window, spec_with_votes
 from keepkv_vllm.kernels.triton_vote_attention import (
+    FP8_E4M3_MIN_CAPABILITY,
     Workspace,
     max_split_rows,
     pick_num_splits,
@@ -388,6 +389,26 @@ class KeepKVFlashAttentionBackend(AttentionBackend):
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
         return head_size % 8 == 0 and head_size <= 256
+
+    @classmethod
+    def supports_combination(
+        cls,
+        head_size: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: Any,
+        block_size: int | None,
+        use_mla: bool,
+        has_sink: bool,
+        use_sparse: bool,
+        use_mm_prefix: bool,
+        device_capability: Any,
+    ) -> str | None:
+        if kv_cache_dtype in ("fp8", "fp8_e4m3") and device_capability.to_int() < FP8_E4M3_MIN_CAPABILITY:
+            return (
+                f"kv compression's fp8 e4m3 KV cache needs compute capability 8.9 or newer (this GPU: "
+                f"{device_capability.major}.{device_capability.minor}); use --kv-cache-dtype fp8_e5m2"
+            )
+        return None
 
     @classmethod
     def customize_spec(cls, spec: Any) -> Any:
