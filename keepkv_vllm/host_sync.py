@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,6 +164,20 @@ def _caller() -> tuple[str, str, bool]:
     return where, path, in_triton
 
 
+_CPU_ONLY = threading.local()
+
+
+@contextmanager
+def cpu_only() -> Iterator[None]:
+    """Code that never runs on a GPU (a stand-in for a kernel under Triton's interpreter): not
+    counted, as the interpreter's own calls are not."""
+    _CPU_ONLY.depth = getattr(_CPU_ONLY, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _CPU_ONLY.depth -= 1
+
+
 class _Counter(TorchFunctionMode):
     def __init__(self, count: HostSyncCount) -> None:
         super().__init__()
@@ -170,7 +185,7 @@ class _Counter(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        what = _syncs(func, args, kwargs)
+        what = _syncs(func, args, kwargs) if not getattr(_CPU_ONLY, "depth", 0) else None
         if what is not None:
             where, path, in_triton = _caller()
             if not in_triton:

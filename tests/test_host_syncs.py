@@ -102,3 +102,14 @@ def test_invalid_inputs_are_counted_not_raised_in_the_engine():
     with pytest.raises(ValueError, match="NaN or inf"):  # the public API still refuses them
         keys, values = paged.gather(torch.tensor(ORDER.src_block_ids), 0, 120)
         get_method("keepkv").compress(keys, values, torch.ones(H_KV, 120), cache[0][1], 64)
+
+
+def test_code_marked_cpu_only_is_not_counted():
+    from keepkv_vllm.host_sync import cpu_only
+
+    x = torch.randn(4)
+    with count_host_syncs() as found:
+        with cpu_only():  # e.g. the interpreter's torch stand-in for the fp8 store kernel
+            x.nonzero()
+        x.nonzero()
+    assert found.count == 1

@@ -50,10 +50,12 @@ class Variant:
     signature: dict[str, str]
     constexprs: dict[str, Any]  # by argument name (incl. integers Triton specialized to 1)
     divisible: list[str]  # arguments Triton knows to be 16-aligned / divisible by 16
+    options: dict[str, Any]  # compile options the launch passes (num_warps)
 
     @property
     def key(self) -> str:
-        return json.dumps([self.kernel, self.signature, self.constexprs, self.divisible], sort_keys=True)
+        parts = [self.kernel, self.signature, self.constexprs, self.divisible, self.options]
+        return json.dumps(parts, sort_keys=True)
 
 
 @dataclass
@@ -116,7 +118,8 @@ def specialize(launch: Any) -> tuple[Variant, tuple[dict, dict, dict]]:
             attrs[(i,)] = CUDABackend.parse_attr(spec)
             if attrs[(i,)]:
                 divisible.append(param.name)
-    variant = Variant(fn.__name__, signature, {k: _plain(v) for k, v in named.items()}, divisible)
+    constants = {k: _plain(v) for k, v in named.items()}
+    variant = Variant(fn.__name__, signature, constants, divisible, dict(launch.options))
     return variant, (signature, constexprs, attrs)
 
 
@@ -163,7 +166,7 @@ def compile_variant(launch: Any, arch: int) -> tuple[Variant, Compiled]:
     start = time.perf_counter()
     try:
         source = ASTSource(compiler_view(launch.kernel), signature, constexprs=constexprs, attrs=attrs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     except Exception as e:  # the compiler's whole message: that is what a user would need
         return variant, Compiled(
             variant.kernel, arch, False, seconds=time.perf_counter() - start, error=str(e)
@@ -252,7 +255,12 @@ def print_table(result: dict[str, Any]) -> None:
 def run_with_triton(version: str, archs: list[int], out: Path, timeout: float = 1800) -> dict[str, Any]:
     """Run the compile in a fresh process with Triton ``version`` (unpacked by
     scripts/fetch-triton.sh) first on the path and its own cache; returns the JSON result."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # (a knob that lets plain globals through would hide what a user's compile refuses)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(TRITON_DIR / version), str(ROOT)])
     env["TRITON_CACHE_DIR"] = str(ROOT / ".cache" / "triton-cache" / version)
     cmd = [

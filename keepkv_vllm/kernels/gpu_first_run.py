@@ -43,7 +43,7 @@ FUNCTIONS = [
 def _resolve(name: str) -> Any:
     obj: Any = torch
     for part in name.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)  # (an older torch may lack one: compared as None)
     return obj
 
 
@@ -62,8 +62,11 @@ def import_hygiene() -> dict[str, Any]:
         except ImportError as e:  # this machine has no vLLM: the engine glue cannot be imported here
             need_vllm.append(f"{module}: {e}")
     changed = [n for n in FUNCTIONS if _resolve(n) is not before[n]]
-    free, total = torch.accelerator.get_memory_info(0) if torch.cuda.is_available() else (0, 0)
-    cuda_free, cuda_total = torch.cuda.mem_get_info(0) if torch.cuda.is_available() else (0, 0)
+    total = cuda_total = 0
+    if torch.cuda.is_available():  # what vLLM's memory profiling reads, against CUDA's own answer
+        cuda_total = torch.cuda.mem_get_info(0)[1]
+        memory_info = getattr(torch.accelerator, "get_memory_info", None)
+        total = memory_info(0)[1] if memory_info is not None else cuda_total
     return {
         "imported": imported,
         "not_importable_without_vllm": need_vllm,

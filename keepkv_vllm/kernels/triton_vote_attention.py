@@ -27,7 +27,7 @@ torch + triton only (no vLLM import): testable on the CPU with TRITON_INTERPRET=
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -298,9 +298,10 @@ class Launch:
     grid: tuple[int, ...]
     args: dict[str, Any]  # runtime arguments in the kernel's order
     constexprs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)  # compile options, e.g. num_warps
 
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args, **self.constexprs)
+        self.kernel[self.grid](**self.args, **self.constexprs, **self.options)
 
 
 def attention_launches(
@@ -336,6 +337,7 @@ def attention_launches(
     group = num_q_heads // num_kv_heads
     if block_q is None:
         block_q = 1 if max_query_len == 1 else max(1, 64 // group)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
     d_pad = _d_pad(head_dim)
     if num_splits > 1:
         if workspace is None:
@@ -388,7 +390,7 @@ def attention_launches(
         dict(
             HEAD_DIM=head_dim,
             D_PAD=d_pad,
-            BLOCK_M=max(16, triton.next_power_of_2(block_q * group)),
+            BLOCK_M=block_m,
             BLOCK_N=block_n or kv_tile_slots(d_pad, query.element_size()),
             SPLIT=num_splits > 1,
             USE_VOTES=log_votes is not None,
@@ -396,6 +398,9 @@ def attention_launches(
             FP8=key_cache.dtype in FP8_DTYPES,
             PRECISION=FP32_DOT if fp32_dot else "tf32",  # (ignored for 16-bit and fp8 tiles)
         ),
+        # prefill's 64-row tiles spill registers at 4 warps (96-456 bytes at head 128-256),
+        # none at 8; decode's 16-row tiles do not spill at 4
+        dict(num_warps=8) if block_m >= 64 else {},
     )
     if num_splits == 1:
         return [attention]
@@ -580,7 +585,10 @@ def store_kv(
     if slot_mapping.shape[0] == 0:
         return
     if key_cache.dtype in FP8_DTYPES and _INTERPRETER_FP8_IN_TORCH and triton.knobs.runtime.interpret:
-        _store_kv_torch(key, value, key_cache, value_cache, log_votes, slot_mapping, k_scale, v_scale)
+        from keepkv_vllm.host_sync import cpu_only
+
+        with cpu_only():  # the interpreter's stand-in for the store kernel: never on a GPU
+            _store_kv_torch(key, value, key_cache, value_cache, log_votes, slot_mapping, k_scale, v_scale)
         return
     store_launch(key, value, key_cache, value_cache, log_votes, slot_mapping, k_scale, v_scale)()
 
