@@ -68,6 +68,12 @@ class KVCompressionConfig(BaseModel):
         description="pressure: only when free KV blocks fall below the watermark or an allocation "
         "would preempt; always: whenever a decoding request exceeds its budget (evaluation)",
     )
+    policy: Literal["measured", "memory"] = Field(
+        default="measured",
+        description="under pressure, measured: compress only where the step costs the engine measures "
+        "say it pays (against preempting, or letting a waiting request wait); memory: wherever "
+        "memory asks (the same decisions on every machine and run, for comparisons)",
+    )
     watermark: float = Field(default=0.05, ge=0.0, lt=1.0, description="free-block fraction that triggers")
     sink: int = Field(default=4, ge=0, le=1024)
     recent: int | None = Field(default=None, ge=0, description="None: max(recent_fraction * budget, window)")

@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import openai
@@ -171,6 +172,14 @@ def test_counters_on_metrics_and_info_log(servers, runs):
     assert metrics["keepkv_blocks_freed_total"] == counters["blocks_freed"]
     assert metrics["keepkv_entries_merged_total"] > 0
     assert "keepkv_compressions_total" not in servers["stock"].metrics()
+    # declined compressions, one labelled series per reason, as the engine counted them
+    declined = {k.removeprefix("declined_"): v for k, v in counters.items() if k.startswith("declined_")}
+    assert set(declined) == {"recompute_cheaper", "batch_gain_below_cost"}
+    assert metrics["keepkv_compressions_declined_total"] == sum(declined.values())
+    with urllib.request.urlopen(f"{keepkv.base_url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for reason, n in declined.items():
+        assert f'keepkv_compressions_declined_total{{reason="{reason}"}} {float(n)}' in text
     log = Path(keepkv.log.name).read_text()
     assert "KV compression enabled: method=keepkv" in log
     assert "kv compression (keepkv): request" in log
@@ -201,6 +210,18 @@ def test_endpoint_reports_the_active_config(servers):
     stats = servers["keepkv"].get_json("/v1/kv_compression")
     assert stats["enabled"] is True
     assert stats["config"]["method"] == "keepkv" and stats["config"]["budget"] == 0.3
+    assert stats["config"]["policy"] == "measured"
+
+
+def test_the_step_costs_are_measured_from_the_engines_steps(servers, runs):
+    keepkv = servers["keepkv"]
+    (costs,) = keepkv.get_json("/v1/kv_compression")["step_costs"]  # one engine
+    assert costs["settled"] and costs["steps"] >= 32
+    assert costs["typical_decode_batch"] >= 1 and costs["typical_decode_step_ms"] > 0, costs
+    assert costs["prefill_ms_per_token"] > 0 and costs["one_more_request_saves_ms_per_step"] >= 0, costs
+    assert costs["compactions_measured"]["keepkv"] >= 2
+    assert costs["compaction_us_per_slot_layer"]["keepkv"] > 0
+    assert "kv compression step costs measured: step " in Path(keepkv.log.name).read_text()
     assert servers["stock"].get_json("/v1/kv_compression")["config"] == {"method": "none"}
 
 

@@ -191,6 +191,7 @@ def test_the_plugin_overrides_vllm_methods():
     found = {(c.__name__, n) for c, n, _ in overrides()}
     expected = {
         ("KeepKVScheduler", "schedule"),
+        ("KeepKVScheduler", "update_from_output"),
         ("KeepKVGPUModelRunner", "_update_states"),
         ("KeepKVCPUModelRunner", "_prepare_inputs"),
         ("KeepKVGPUWorker", "_make_model_runner"),

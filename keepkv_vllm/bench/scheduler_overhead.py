@@ -114,6 +114,9 @@ def _settings(watermark: float, window_memory: float, budget: float) -> dict[str
         "method": "keepkv",
         "budget": budget,
         "trigger": "pressure",
+        # every compression memory asks for: steps here are not executed, so measured costs
+        # would mean nothing, and the per-step decisions must match the probed run's
+        "policy": "memory",
         "watermark": watermark,
         "window_memory": window_memory,
     }

@@ -89,6 +89,13 @@ def observe(server: ServerProcess, label: str, drive: Callable[[], dict]) -> dic
         "peak_running": peak.peak,
         "blocks_freed": counters(after).get("blocks_freed", 0) - counters(before).get("blocks_freed", 0),
         "compressions": counters(after).get("compressions", 0) - counters(before).get("compressions", 0),
+        # compressions the measured costs declined (policy=measured), by reason
+        "declined": {
+            key.removeprefix("declined_"): value - counters(before).get(key, 0)
+            for key, value in counters(after).items()
+            if key.startswith("declined_")
+        },
+        "step_costs": after.get("step_costs", []),
         # where compressed runs spend extra time (worker-side, summed over the run)
         "compaction_s": worker(after, "compaction_seconds") - worker(before, "compaction_seconds"),
         "vote_attention_s": worker(after, "vote_attention_seconds")
@@ -347,16 +354,22 @@ def run_dtype(
         workload.measure(stock, f"warm-up stock{suffix}", None, warm_up=True)
         row = workload.measure(stock, f"stock{suffix}", None)
         rows.append({"method": "stock", "budget": 1.0, "kv_cache_dtype": kv_dtype, **row})
-    for method in args.methods:
+    for method, policy in ((m, p) for m in args.methods for p in args.policies):
         settings = json.dumps(
-            {"budget": max(args.budgets), "trigger": args.trigger, "window_memory": window_memory}
+            {
+                "budget": max(args.budgets),
+                "trigger": args.trigger,
+                "window_memory": window_memory,
+                "policy": policy,
+            }
         )
         extra = ["--kv-compression", method, "--kv-compression-config", settings]
+        name = method if policy == "measured" else f"{method}/{policy}"  # the default keeps its name
         with ServerProcess(server_args(args, kv_dtype) + extra, model=model) as server:
-            workload.measure(server, f"warm-up {method}{suffix}", None, warm_up=True)
+            workload.measure(server, f"warm-up {name}{suffix}", None, warm_up=True)
             for budget in args.budgets:
-                row = workload.measure(server, f"{method}{suffix}@{budget:g}", {"kv_budget": budget})
-                rows.append({"method": method, "budget": budget, "kv_cache_dtype": kv_dtype, **row})
+                row = workload.measure(server, f"{name}{suffix}@{budget:g}", {"kv_budget": budget})
+                rows.append({"method": name, "budget": budget, "kv_cache_dtype": kv_dtype, **row})
     if args.ceiling:
         rows += run_ceilings(args, model, workload, kv_dtype, rows)
     return rows
@@ -413,15 +426,18 @@ def costs(rows: list[dict]) -> str:
     """Where a compressed run's extra time goes: compaction (per compression, next to the
     step it stalls) and the vote-weighted rows."""
     lines = [
-        "| run | wall s | compressions | compaction s | per compression ms | TPOT p50 ms | vote rows s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | wall s | compressions | declined | compaction s | per compression ms | TPOT p50 ms |"
+        " vote rows s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if not r["compressions"]:
+        declined = ", ".join(f"{n:.0f} {why}" for why, n in r.get("declined", {}).items() if n)
+        if not r["compressions"] and not declined:
             continue
+        per = f"{1e3 * r['compaction_s'] / r['compressions']:.0f}" if r["compressions"] else ""
         lines.append(
-            f"| {r['label']} | {r['wall_s']:.1f} | {r['compressions']} | {r['compaction_s']:.1f} | "
-            f"{1e3 * r['compaction_s'] / r['compressions']:.0f} | {1e3 * r['tpot_p50_s']:.0f} | "
+            f"| {r['label']} | {r['wall_s']:.1f} | {r['compressions']} | {declined} | "
+            f"{r['compaction_s']:.1f} | {per} | {1e3 * r['tpot_p50_s']:.0f} | "
             f"{r['vote_attention_s']:.1f} ({100 * r['vote_attention_s'] / r['wall_s']:.0f} %) |"
         )
     return "\n".join(lines)
@@ -499,6 +515,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["keepkv"])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--trigger", choices=["pressure", "always"], default="pressure")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        choices=["measured", "memory"],
+        default=["measured"],
+        help="compressed servers' policy; 'memory' rows are named METHOD/memory (e.g. to compare "
+        "with compressing wherever memory asks)",
+    )
     p.add_argument(
         "--window-memory",
         type=float,

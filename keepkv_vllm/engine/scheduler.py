@@ -7,6 +7,13 @@ tail blocks to the pool and retries; vLLM's preemption stays as the last resort.
 ``trigger="pressure"`` it also compresses proactively when free blocks fall below the
 watermark; with ``trigger="always"`` every decoding request is kept at its budget.
 
+Under pressure, with ``policy="measured"`` (the default), each compression is weighed first
+(policy/costs.py): the scheduler times every step and fits what steps, prefill tokens, decode
+requests, attended slots and compactions cost on this machine; it compresses to avoid a
+preemption only if the compaction costs less than recomputing the request vLLM would preempt, and
+to admit a waiting request only if one more request in the batch saves more time than the
+compaction costs. Declined compressions are counted by reason.
+
 Scheduler-side bookkeeping of a compression, all immediate:
 - the request keeps ceil((budget + tokens scheduled this step) / block_size) blocks, the
   tail goes back to the pool (tail blocks keep their prefix-cache hash: their contents are
@@ -28,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.request import Request, RequestStatus
@@ -37,6 +45,7 @@ from keepkv_vllm.engine.compaction import ORDERS_ATTR, CompressionOrder, Request
 from keepkv_vllm.engine.memory import window_rows
 from keepkv_vllm.engine.settings import config_from_vllm
 from keepkv_vllm.engine.window import ROWS_ATTR, RowTable
+from keepkv_vllm.policy.costs import Compression, Policy, StepCosts, StepShape, Verdict
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -55,6 +64,10 @@ class CompressionCounters:
     requests_compressed: int = 0  # distinct requests compressed at least once
     requests_without_window: int = 0  # admitted while every window row was taken: never compressible
     admissions_deferred: int = 0  # waiting requests held back: the running ones will need the room
+    # compressions the measured costs declined (policy="measured"), by reason
+    declined_recompute_cheaper: int = 0  # vLLM preempted: recomputing cost less than compacting
+    declined_batch_gain_below_cost: int = 0  # a waiting request waited: one more in the batch gains less
+    window_rows_short: int = 0  # compression was wanted, but the requests to compress had no window row
     compression_time_s: float = 0.0  # scheduler-side time (bookkeeping), not the worker's
 
     def as_dict(self) -> dict[str, float]:
@@ -87,13 +100,19 @@ class KeepKVScheduler(Scheduler):
         self._reclaim_memo: dict[str, tuple[int, int, int, float, int]] = {}  # see _reclaimable
         # the query window: rows for as many requests as the memory plan allows (engine/memory.py);
         # a row's queries are valid from the first token computed after it was assigned
-        num_rows, _ = window_rows(self.settings, self.vllm_config, self.kv_cache_config)
+        num_rows, self._window_geometry = window_rows(self.settings, self.vllm_config, self.kv_cache_config)
         self.window_rows = RowTable(num_rows)
         self._window_from: dict[str, int] = {}
         # output lengths of finished requests: how far running ones are likely to grow
         self._output_lengths: deque[int] = deque(maxlen=256)
         self.counters = CompressionCounters()
         self.request_ledger = RequestLedger()  # per request: compressions, slots removed
+        # what steps cost here, fitted from this engine's own steps (policy/costs.py)
+        self.step_costs = StepCosts()
+        self.cost_policy = Policy(self.step_costs)  # (vLLM's Scheduler.policy is its queue order)
+        self._timing: tuple[SchedulerOutput, StepShape, float] | None = None
+        self._settled_logged = False
+        self._rows_short_logged = 0
         logger.info(
             "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d "
             "window rows=%d",
@@ -118,7 +137,45 @@ class KeepKVScheduler(Scheduler):
         ]
         setattr(output, ORDERS_ATTR, orders)
         setattr(output, ROWS_ATTR, self.window_rows.take_new())
+        self._timing = (output, self._shape(output, orders), time.perf_counter())
         return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, *args: object, **kwargs: object
+    ) -> object:
+        timing, self._timing = self._timing, None
+        if timing is not None and timing[0] is scheduler_output:  # this step's execution, timed
+            self.step_costs.observe(timing[1], time.perf_counter() - timing[2])
+            if self.step_costs.settled and not self._settled_logged:
+                self._settled_logged = True
+                logger.info("kv compression step costs measured: %s", self.describe_costs())
+        return super().update_from_output(scheduler_output, *args, **kwargs)
+
+    def describe_costs(self) -> str:
+        return self.step_costs.describe(self._window_geometry.num_layers)
+
+    def _shape(self, output: SchedulerOutput, orders: list[CompressionOrder]) -> StepShape:
+        """What this step computes, in the cost model's terms (after vLLM's schedule: each
+        scheduled request's computed tokens include this step's)."""
+        prefill = decode = context = voted = 0
+        for req_id, n in output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if n > 1:
+                prefill += n
+            else:
+                decode += 1
+            offset = self.kv_offset.get(req_id, 0)
+            slots = request.num_computed_tokens - offset
+            context += slots
+            if offset:
+                voted += slots
+        compacted: dict[str, int] = {}
+        for order in orders:
+            method = order.method or self.settings.method
+            compacted[method] = compacted.get(method, 0) + order.kv_len_before
+        return StepShape(prefill, decode, context, voted, compacted)
 
     def _compress_proactively(self) -> None:
         if self.settings.trigger == "always":
@@ -128,8 +185,14 @@ class KeepKVScheduler(Scheduler):
         low = self.settings.watermark * self._total_blocks
         if self._pool.get_num_free_blocks() >= low:
             return
+        measured = self.settings.policy == "measured"
+        if measured and not self.waiting:
+            return  # room for growth is made when an allocation needs it, if that pays then
         # one ranking per step: compressing a request changes no other request's reclaim
+        weighed: list[Compression] = []
         for request in self._candidates():
+            if measured and not self._pays(request, weighed, self.waiting.peek_request(), False):
+                return
             if self._compress(request) and self._pool.get_num_free_blocks() >= low:
                 return
 
@@ -146,7 +209,13 @@ class KeepKVScheduler(Scheduler):
         else:  # the common case, every request every step: vLLM's own allocation, nothing more
             blocks = self._stock_allocate(request, num_new_tokens, *args, **kwargs)
         if blocks is None:
-            for victim in list(self._candidates()):
+            weighed: list[Compression] = []
+            candidates = list(self._candidates())
+            if not candidates:
+                self._note_rows_short()
+            for victim in candidates:
+                if self.settings.policy == "measured" and not self._pays(victim, weighed, request, running):
+                    break  # vLLM preempts (running) or the request waits, as without compression
                 if not self._compress(victim):
                     continue
                 blocks = self._try_allocate(request, num_new_tokens, *args, **kwargs)
@@ -163,6 +232,89 @@ class KeepKVScheduler(Scheduler):
             if request.request_id not in self.window_rows.row_of:
                 self._assign_window(request, *args, **kwargs)
         return blocks
+
+    # -- weighing a compression ---------------------------------------------------------------
+    def _pays(self, victim: Request, weighed: list[Compression], request: Request, running: bool) -> bool:
+        """Whether compressing ``victim`` (after those already ``weighed`` for this allocation)
+        pays for ``request``'s allocation; a decline is counted by its reason."""
+        target = self._target(victim)
+        if target is None:
+            return False
+        horizon = self._output_horizon()
+        weighed.append(
+            Compression(
+                method=self._options(victim).method or self.settings.method,
+                slots_before=victim.num_computed_tokens - self.kv_offset.get(victim.request_id, 0),
+                slots_after=target,
+                remaining_steps=self._remaining_outputs(victim, horizon),
+                already_voted=victim.request_id in self.kv_offset,
+            )
+        )
+        if running:
+            recompute = self._preemption_victim().num_computed_tokens
+            verdict = self.cost_policy.instead_of_preempting(weighed, recompute)
+        else:
+            offset = self.kv_offset
+            verdict = self.cost_policy.to_admit(
+                weighed,
+                batch=len(self.running),
+                context_slots=sum(r.num_computed_tokens - offset.get(r.request_id, 0) for r in self.running),
+                new_output_tokens=self._remaining_outputs(request, horizon),
+            )
+        if not verdict.compress:
+            self._decline(verdict)
+        return verdict.compress
+
+    def _decline(self, verdict: Verdict) -> None:
+        field = f"declined_{verdict.reason}"
+        setattr(self.counters, field, getattr(self.counters, field) + 1)
+        logger.debug(
+            "kv compression declined (%s): gains %.4f s, costs %.4f s",
+            verdict.reason,
+            verdict.gain_s,
+            verdict.cost_s,
+        )
+
+    def _preemption_victim(self) -> Request:
+        """The running request vLLM preempts when an allocation fails (as Scheduler.schedule
+        picks it): the last one under FCFS, the lowest priority, latest arrival, under priority."""
+        if self.policy == SchedulingPolicy.PRIORITY:
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    @staticmethod
+    def _remaining_outputs(request: Request, horizon: int) -> int:
+        """Decode steps the request is expected to run from now."""
+        done = request.num_output_tokens
+        return max(min(request.max_tokens, max(done, horizon)) - done, 0)
+
+    def _note_rows_short(self) -> None:
+        """An allocation found nothing to compress: if that is because running requests have no
+        window row, the row count capped the gain; count it and say which setting lifts it."""
+        has_row = self.window_rows.row_of
+        without = [r for r in self.running if r.request_id not in has_row and self._could_compress(r)]
+        if not without:
+            return
+        self.counters.window_rows_short += 1
+        if self.counters.window_rows_short < 2 * self._rows_short_logged:
+            return  # logged at 1, 2, 4, 8, ... occurrences
+        self._rows_short_logged = self.counters.window_rows_short
+        rows = self.window_rows.num_rows + len(without)
+        share = rows * self._window_geometry.row_bytes / max(self._pool_bytes(), 1)
+        logger.warning(
+            "kv compression: %d running request(s) could be compressed but have no query-window row "
+            "(%d rows, all taken; %d time(s) so far): window_memory %.3f -> %.3f gives %d rows",
+            len(without),
+            self.window_rows.num_rows,
+            self.counters.window_rows_short,
+            self.settings.window_memory,
+            min(share / (1.0 + share), 0.5),
+            rows,
+        )
+
+    def _pool_bytes(self) -> int:
+        group = self.kv_cache_config.kv_cache_groups[0]
+        return self.kv_cache_config.num_blocks * group.kv_cache_spec.page_size_bytes * len(group.layer_names)
 
     # -- admission ----------------------------------------------------------------------------
     def _admits(self, request: Request) -> bool:

@@ -52,6 +52,22 @@ METRICS = {
         "invalid_inputs",
         "NaN/inf cache entries or votes <= 0 met while compressing (that request's cache was corrupt)",
     ),
+    "keepkv_window_rows_short": (
+        "counters",
+        "window_rows_short",
+        "Allocations that found nothing to compress because the requests had no query-window row "
+        "(window_memory sets the rows)",
+    ),
+}
+#: counters with a label: Prometheus name -> (section, key prefix, label, help); each key
+#: ``prefix + value`` of the section is one label value
+LABELLED = {
+    "keepkv_compressions_declined": (
+        "counters",
+        "declined_",
+        "reason",
+        "Compressions the measured step costs declined (policy=measured), by reason",
+    ),
 }
 POLL_SECONDS = 1.0
 
@@ -63,14 +79,23 @@ class _Mirror:
         from prometheus_client import Counter
 
         self.counters = {name: Counter(name, doc) for name, (_, _, doc) in METRICS.items()}
-        self.seen: dict[str, float] = {name: 0.0 for name in METRICS}
+        self.labelled = {name: Counter(name, doc, [label]) for name, (_, _, label, doc) in LABELLED.items()}
+        self.seen: dict[tuple[str, str], float] = {}
 
     def update(self, stats: dict[str, Any]) -> None:
         for name, (section, key, _) in METRICS.items():
-            value = float(stats.get(section, {}).get(key, 0.0))
-            if value > self.seen[name]:
-                self.counters[name].inc(value - self.seen[name])
-                self.seen[name] = value
+            self._advance(self.counters[name], (name, ""), stats.get(section, {}).get(key, 0.0))
+        for name, (section, prefix, _, _) in LABELLED.items():
+            for key, value in stats.get(section, {}).items():
+                if key.startswith(prefix):
+                    value_label = key.removeprefix(prefix)
+                    self._advance(self.labelled[name].labels(value_label), (name, value_label), value)
+
+    def _advance(self, counter: Any, seen_key: tuple[str, str], value: float) -> None:
+        value = float(value)
+        if value > self.seen.get(seen_key, 0.0):
+            counter.inc(value - self.seen.get(seen_key, 0.0))
+            self.seen[seen_key] = value
 
 
 _MIRROR: _Mirror | None = None

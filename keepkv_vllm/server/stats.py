@@ -29,7 +29,16 @@ def engine_core_stats(engine_core: Any) -> dict[str, Any]:
             "compressed_running": len(getattr(scheduler, "kv_offset", {})),
         },
         "window": _window_rows(scheduler),
+        "step_costs": _step_costs(scheduler),
     }
+
+
+def _step_costs(scheduler: Any) -> dict[str, Any]:
+    """What this engine measured steps and compactions to cost (policy/costs.py)."""
+    costs = getattr(scheduler, "step_costs", None)
+    if costs is None:
+        return {}
+    return costs.snapshot(scheduler._window_geometry.num_layers)
 
 
 def _window_rows(scheduler: Any) -> dict[str, int]:
@@ -88,6 +97,7 @@ def merge_engines(engines: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("free_blocks", "total_blocks"):
             stats["kv_cache"][key] += engine["kv_cache"][key]
     stats["engines"] = len(engines)
+    stats["step_costs"] = [engine.get("step_costs", {}) for engine in engines]  # one per engine
     return stats
 
 

@@ -1,0 +1,1 @@
+"""Scheduling policy for compression: pure Python, no vLLM import (the scheduler translates)."""
