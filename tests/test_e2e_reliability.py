@@ -51,7 +51,9 @@ ARGS = [
     "--kv-compression",
     "keepkv",
     "--kv-compression-config",
-    '{"budget": 0.3}',
+    # every compression memory asks for: the soak is about compression under chaos, as often as
+    # it can run (the measured policy, which may decline some, is served in test_e2e_serve.py)
+    '{"budget": 0.3, "policy": "memory"}',
 ]
 
 

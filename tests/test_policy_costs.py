@@ -155,7 +155,7 @@ def scheduler_with(costs: StepCosts):
     s.step_costs, s.cost_policy = costs, Policy(costs)
     s.counters, s.kv_offset, s._request_options = CompressionCounters(), {}, {}
     s._output_lengths = deque(maxlen=256)
-    s._timing, s._settled_logged = None, True
+    s._timing, s._logged_costs = None, set()
     return s
 
 

@@ -111,7 +111,7 @@ class KeepKVScheduler(Scheduler):
         self.step_costs = StepCosts()
         self.cost_policy = Policy(self.step_costs)  # (vLLM's Scheduler.policy is its queue order)
         self._timing: tuple[SchedulerOutput, StepShape, float] | None = None
-        self._settled_logged = False
+        self._logged_costs: set[str] = set()  # "" once settled, then each method once measured
         self._rows_short_logged = 0
         logger.info(
             "KV compression enabled: method=%s budget=%s trigger=%s watermark=%.2f block_size=%d blocks=%d "
@@ -146,10 +146,25 @@ class KeepKVScheduler(Scheduler):
         timing, self._timing = self._timing, None
         if timing is not None and timing[0] is scheduler_output:  # this step's execution, timed
             self.step_costs.observe(timing[1], time.perf_counter() - timing[2])
-            if self.step_costs.settled and not self._settled_logged:
-                self._settled_logged = True
-                logger.info("kv compression step costs measured: %s", self.describe_costs())
+            self._log_costs()
         return super().update_from_output(scheduler_output, *args, **kwargs)
+
+    def _log_costs(self) -> None:
+        """INFO once the model has settled, and again once each method's compaction is known."""
+        costs = self.step_costs
+        if not costs.settled:
+            return
+        if "" not in self._logged_costs:
+            self._logged_costs.add("")
+            logger.info("kv compression step costs measured: %s", self.describe_costs())
+        for method in costs.compactions:
+            if method not in self._logged_costs and costs.knows_compaction(method):
+                self._logged_costs.add(method)
+                logger.info(
+                    "kv compression step costs measured, with %s's compaction: %s",
+                    method,
+                    self.describe_costs(),
+                )
 
     def describe_costs(self) -> str:
         return self.step_costs.describe(self._window_geometry.num_layers)
