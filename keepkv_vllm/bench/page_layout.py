@@ -8,7 +8,7 @@ K/V), per KV dtype. No server; one layer of SmolLM2-135M's shape.
 from __future__ import annotations
 
 import argparse
-import time
+from types import SimpleNamespace
 
 import torch
 
@@ -18,6 +18,7 @@ def decode_ms(padded: bool, fp8: bool, requests: int, slots: int, repeats: int =
     from vllm import _custom_ops as ops
 
     from keepkv_vllm.attention.kv_layout import allocate_padded_cache
+    from keepkv_vllm.bench.step import _best_ms, stock_decode
     from keepkv_vllm.engine.cpu.cache import split_kv
 
     heads, kv_heads, d, bs = 9, 3, 64, 128
@@ -33,30 +34,11 @@ def decode_ms(padded: bool, fp8: bool, requests: int, slots: int, repeats: int =
     k, v = (torch.randn(n, kv_heads, d, generator=g) for _ in (0, 1))
     ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(n), "vec", 1.0, 1.0, kv_dtype)
     q, out = torch.randn(requests, heads, d, generator=g), torch.empty(requests, heads, d)
-    starts = torch.arange(requests + 1, dtype=torch.int32)
     seq_lens = torch.full((requests,), slots, dtype=torch.int32)
     table = torch.arange(blocks, dtype=torch.int32).view(requests, slots // bs)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=requests, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens,
-        dtype=q.dtype, query_start_loc=starts, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=False, dynamic_causal=None, kv_cache_dtype=kv_dtype,
-    )  # fmt: skip
-
-    def call() -> None:
-        ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=starts,
-            seq_lens=seq_lens, scale=d**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
-            block_table=table, softcap=0.0, scheduler_metadata=metadata, s_aux=None, kv_cache_dtype=kv_dtype,
-        )  # fmt: skip
-
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    cache = SimpleNamespace(key_cache=key_cache, value_cache=value_cache, num_heads=kv_heads)
+    call = stock_decode(cache, q, out, table, seq_lens, "vec", kv_dtype)
+    return _best_ms(call, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,7 @@ def stock_decode(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     isa: str,
+    kv_cache_dtype: str = "auto",
 ) -> object:
     """A call of vLLM's CPU decode attention over the paged cache (as its backend makes it)."""
     from vllm import _custom_ops as ops
@@ -85,7 +86,7 @@ def stock_decode(
         isa=isa,
         enable_kv_split=False,
         dynamic_causal=None,
-        kv_cache_dtype="auto",
+        kv_cache_dtype=kv_cache_dtype,
     )
     return lambda: ops.cpu_attention_with_kv_cache(
         query=query,
@@ -102,6 +103,7 @@ def stock_decode(
         softcap=0.0,
         scheduler_metadata=metadata,
         s_aux=None,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 
