@@ -42,7 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from keepkv_vllm.config import ConfigError, RequestOptions, parse_request_options
 from keepkv_vllm.engine.compaction import ORDERS_ATTR, CompressionOrder, RequestLedger
-from keepkv_vllm.engine.memory import window_rows
+from keepkv_vllm.engine.memory import pool_bytes, window_rows
 from keepkv_vllm.engine.settings import config_from_vllm
 from keepkv_vllm.engine.window import ROWS_ATTR, RowTable
 from keepkv_vllm.policy.costs import Compression, Policy, StepCosts, StepShape, Verdict
@@ -169,6 +169,10 @@ class KeepKVScheduler(Scheduler):
     def describe_costs(self) -> str:
         return self.step_costs.describe(self._window_geometry.num_layers)
 
+    def costs_snapshot(self) -> dict[str, object]:
+        """The step costs in readable units (GET /v1/kv_compression)."""
+        return self.step_costs.snapshot(self._window_geometry.num_layers)
+
     def _shape(self, output: SchedulerOutput, orders: list[CompressionOrder]) -> StepShape:
         """What this step computes, in the cost model's terms (after vLLM's schedule: each
         scheduled request's computed tokens include this step's)."""
@@ -181,10 +185,9 @@ class KeepKVScheduler(Scheduler):
                 prefill += n
             else:
                 decode += 1
-            offset = self.kv_offset.get(req_id, 0)
-            slots = request.num_computed_tokens - offset
+            slots = self._slots(request)
             context += slots
-            if offset:
+            if self.kv_offset.get(req_id, 0):
                 voted += slots
         compacted: dict[str, int] = {}
         for order in orders:
@@ -259,7 +262,7 @@ class KeepKVScheduler(Scheduler):
         weighed.append(
             Compression(
                 method=self._options(victim).method or self.settings.method,
-                slots_before=victim.num_computed_tokens - self.kv_offset.get(victim.request_id, 0),
+                slots_before=self._slots(victim),
                 slots_after=target,
                 remaining_steps=self._remaining_outputs(victim, horizon),
                 already_voted=victim.request_id in self.kv_offset,
@@ -269,11 +272,10 @@ class KeepKVScheduler(Scheduler):
             recompute = self._preemption_victim().num_computed_tokens
             verdict = self.cost_policy.instead_of_preempting(weighed, recompute)
         else:
-            offset = self.kv_offset
             verdict = self.cost_policy.to_admit(
                 weighed,
                 batch=len(self.running),
-                context_slots=sum(r.num_computed_tokens - offset.get(r.request_id, 0) for r in self.running),
+                context_slots=sum(self._slots(r) for r in self.running),
                 new_output_tokens=self._remaining_outputs(request, horizon),
             )
         if not verdict.compress:
@@ -297,11 +299,19 @@ class KeepKVScheduler(Scheduler):
             return max(self.running, key=lambda r: (r.priority, r.arrival_time))
         return self.running[-1]
 
+    def _slots(self, request: Request) -> int:
+        """Cache slots the request holds: its computed tokens less what compression removed."""
+        return request.num_computed_tokens - self.kv_offset.get(request.request_id, 0)
+
     @staticmethod
-    def _remaining_outputs(request: Request, horizon: int) -> int:
+    def _expected_outputs(request: Request, horizon: int) -> int:
+        """Output tokens the request is expected to reach: up to ``max_tokens``, or to what
+        finished requests produced (``horizon``) when that is shorter, never below its own."""
+        return min(request.max_tokens, max(request.num_output_tokens, horizon))
+
+    def _remaining_outputs(self, request: Request, horizon: int) -> int:
         """Decode steps the request is expected to run from now."""
-        done = request.num_output_tokens
-        return max(min(request.max_tokens, max(done, horizon)) - done, 0)
+        return max(self._expected_outputs(request, horizon) - request.num_output_tokens, 0)
 
     def _note_rows_short(self) -> None:
         """An allocation found nothing to compress: if that is because running requests have no
@@ -315,7 +325,7 @@ class KeepKVScheduler(Scheduler):
             return  # logged at 1, 2, 4, 8, ... occurrences
         self._rows_short_logged = self.counters.window_rows_short
         rows = self.window_rows.num_rows + len(without)
-        share = rows * self._window_geometry.row_bytes / max(self._pool_bytes(), 1)
+        share = rows * self._window_geometry.row_bytes / max(pool_bytes(self.kv_cache_config)[0], 1)
         logger.warning(
             "kv compression: %d running request(s) could be compressed but have no query-window row "
             "(%d rows, all taken; %d time(s) so far): window_memory %.3f -> %.3f gives %d rows",
@@ -326,10 +336,6 @@ class KeepKVScheduler(Scheduler):
             min(share / (1.0 + share), 0.5),
             rows,
         )
-
-    def _pool_bytes(self) -> int:
-        group = self.kv_cache_config.kv_cache_groups[0]
-        return self.kv_cache_config.num_blocks * group.kv_cache_spec.page_size_bytes * len(group.layer_names)
 
     # -- admission ----------------------------------------------------------------------------
     def _admits(self, request: Request) -> bool:
@@ -352,7 +358,7 @@ class KeepKVScheduler(Scheduler):
 
     def _expected_blocks(self, request: Request, compressible: bool, horizon: int) -> int:
         """Blocks the request holds at its expected length (its peak, compressed if it can be)."""
-        outputs = min(request.max_tokens, max(request.num_output_tokens, horizon))
+        outputs = self._expected_outputs(request, horizon)
         length = request.num_prompt_tokens + outputs
         target = self._target_for(request, length) if compressible else None
         if target is not None:
@@ -514,7 +520,7 @@ class KeepKVScheduler(Scheduler):
     def _order(self, request: Request, target: int, frozen_blocks: int) -> CompressionOrder:
         """What the workers must do; its block list is the request's after this step is scheduled
         (``schedule`` completes it, once vLLM has allocated this step's new blocks)."""
-        kv_before = request.num_computed_tokens - self.kv_offset.get(request.request_id, 0)
+        kv_before = self._slots(request)
         blocks = self._blocks.req_to_blocks[request.request_id]
         return CompressionOrder(
             req_id=request.request_id,

@@ -28,7 +28,7 @@ gets measured. Pure Python, no vLLM import.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 #: the linear terms fitted by least squares, in this order (a compaction's cost is fitted apart)
 TERMS = ("base", "prefill", "decode", "context", "voted")
@@ -119,7 +119,7 @@ class StepCosts:
         self.cov = [[(P[i][j] - gain[i] * Px[j]) * scale for j in range(n)] for i in range(n)]
 
     def _observe_compaction(self, shape: StepShape, seconds: float) -> None:
-        rest = max(self.predict(StepShape(**{**shape.__dict__, "compacted_slots": {}})), 0.0)
+        rest = max(self.predict(replace(shape, compacted_slots={})), 0.0)
         total = sum(shape.compacted_slots.values())
         if total <= 0 or self.steps < SETTLE_STEPS:
             return  # the rest of the step is not known well enough to attribute the remainder

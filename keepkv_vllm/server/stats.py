@@ -35,10 +35,8 @@ def engine_core_stats(engine_core: Any) -> dict[str, Any]:
 
 def _step_costs(scheduler: Any) -> dict[str, Any]:
     """What this engine measured steps and compactions to cost (policy/costs.py)."""
-    costs = getattr(scheduler, "step_costs", None)
-    if costs is None:
-        return {}
-    return costs.snapshot(scheduler._window_geometry.num_layers)
+    snapshot = getattr(scheduler, "costs_snapshot", None)
+    return {} if snapshot is None else snapshot()
 
 
 def _window_rows(scheduler: Any) -> dict[str, int]:
