@@ -56,9 +56,10 @@ def test_every_variant_fits_the_targets_shared_memory(compiled):
 
 
 def test_decode_does_not_spill_in_its_kv_loop_at_head_sizes_up_to_128_on_sm_90(compiled):
-    """With vLLM 0.32's Triton no decode variant up to head size 128 spills on sm_90. Triton 3.8
-    (vLLM 0.33) spills one 4-byte value in a few fp8 split-K variants: stored before the KV loop
-    and reloaded after it (docs/kernel.md): never inside the loop, where it would cost per tile."""
+    """Decode's 128-slot tiles (measured fastest on an H200, docs/kernel.md) leave no decode
+    variant up to head size 128 spilling inside its KV loop on sm_90, and at most 48 bytes
+    outside it (fp8 and head 80/96 split-K variants: stored before the loop, reloaded after it,
+    two local accesses per program against the tens of KB of KV it reads)."""
     decode = [
         r
         for r in compiled["rows"]
@@ -66,11 +67,10 @@ def test_decode_does_not_spill_in_its_kv_loop_at_head_sizes_up_to_128_on_sm_90(c
     ]
     small = [r for r in decode if r["constexprs"]["HEAD_DIM"] <= 128]
     assert small and all(r["loop_spills"] == 0 for r in small)
-    spilled = [(r["example"], r["what"], r["stack_bytes"]) for r in small if r["stack_bytes"]]
-    if compiled["triton"] == "3.7.1":
-        assert not spilled
-    else:
-        assert all(stack <= 16 for _, _, stack in spilled), spilled
+    spilled = [(r["example"], r["what"], r["stack_bytes"]) for r in small if r["stack_bytes"] > 48]
+    assert not spilled, spilled
+    measured = [r for r in small if r["constexprs"]["HEAD_DIM"] == 128 and r["signature"]["K"] == "*bf16"]
+    assert measured and all(r["stack_bytes"] == 0 for r in measured)  # the H200's timed shape
 
 
 def test_fp8_e4m3_variants_are_not_served_on_sm_80(compiled):

@@ -155,6 +155,37 @@ def test_preallocated_workspace_and_output_are_reused(kernel):
     torch.testing.assert_close(got.double().cpu(), expected, rtol=2e-5, atol=2e-5)
 
 
+def _attention_launch(kernel, inputs, **kwargs):
+    return kernel.attention_launches(**inputs, out=torch.empty_like(inputs["query"]), **kwargs)[0]
+
+
+def test_decode_tiles_are_32_kib_of_keys_halved_to_fit_the_blocks_shared_memory(kernel):
+    tile = kernel.decode_tile_slots
+    assert tile(128, 2) == tile(128, 2, 232_448) == tile(128, 2, 166_912) == 128  # H100/H200, A100
+    assert tile(128, 2, 101_376) == 64  # 99 KiB per block: L4/L40S, RTX 30/40/50
+    assert (tile(256, 2), tile(64, 4), tile(128, 4), tile(32, 4)) == (
+        kernel.kv_tile_slots(256, 2),
+        128,
+        64,
+        128,
+    )
+    cases = (make_case(6, [40], [q], 2, 4, 128, 16, torch.bfloat16, True)[0] for q in (1, 3))
+    decode, prefill = (_attention_launch(kernel, case, shared_memory=101_376) for case in cases)
+    assert (decode.constexprs["BLOCK_N"], decode.options) == (64, {"num_stages": kernel.DECODE_STAGES})
+    assert (prefill.constexprs["BLOCK_N"], prefill.options) == (
+        kernel.kv_tile_slots(128, 2),
+        {"num_warps": 8},
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_the_served_decode_tile_reads_several_tiles_and_partial_ones(kernel, num_splits):
+    inputs, expected = make_case(7, [300, 5, 129], [1, 1, 1], 2, 3, 64, 16, torch.float32, True)
+    assert _attention_launch(kernel, inputs).constexprs["BLOCK_N"] == 128
+    out = kernel.vote_paged_attention(**inputs, num_splits=num_splits)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
 def test_pick_num_splits_fills_the_gpu_for_one_long_request(kernel):
     assert kernel.pick_num_splits(1, 8, 32768) >= 16
     assert kernel.pick_num_splits(256, 8, 32768) == 1

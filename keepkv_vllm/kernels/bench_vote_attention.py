@@ -9,6 +9,10 @@ the same paged data (the first few sequences), then times it with and without vo
 torch's scaled_dot_product_attention on the same amount of unpaged, contiguous keys and values
 (FlashAttention where torch picks it), and reports the kernel's achieved memory bandwidth
 (K + V + log-vote bytes read / time) as a fraction of the card's measured copy bandwidth.
+Kernel and SDPA times are replays of a CUDA graph (the device's own time, as a captured decode
+step sees it); ``eager`` is the same call from Python and ``host`` the CPU's share of it (what an
+attention layer left out of the graphs costs per step). ``--sweep`` also times each tile size x
+warps x pipeline stages on the same data.
 Inputs are generated on the device; a shape that would not fit in half the free memory is
 skipped, saying so. Prints a markdown table; ``--json`` also writes the rows.
 """
@@ -18,11 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from keepkv_vllm.kernels.triton_vote_attention import Workspace, pick_num_splits, vote_paged_attention
+from keepkv_vllm.kernels.triton_vote_attention import (
+    Workspace,
+    attention_launches,
+    pick_num_splits,
+    vote_paged_attention,
+)
 
 
 def _time(fn: object, device: str, iters: int) -> float:
@@ -44,6 +54,37 @@ def _time(fn: object, device: str, iters: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _time_graph(fn: object, device: str, iters: int) -> float:
+    """Median seconds per replay of ``fn`` captured in a CUDA graph: the kernels' own time, as a
+    decode step replayed from a graph sees it (no Python launch cost). The CPU: ``_time``."""
+    if device != "cuda":
+        return _time(fn, device, iters)
+    fn()  # compiled outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _time(graph.replay, device, iters)
+
+
+def _time_host(fn: object, device: str, iters: int) -> float:
+    """Median seconds the host spends issuing ``fn`` (the device idle before each call): what an
+    eager attention call costs the CPU per layer, whatever the kernel's size."""
+    fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
@@ -138,21 +179,66 @@ def measure(batch: int, context: int, args: argparse.Namespace, device: str, num
     def sdpa() -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q_dense, k_dense, v_dense, enable_gqa=True)
 
-    t_kernel = _time(kernel, device, args.iters)
-    t_plain = _time(lambda: kernel(None), device, args.iters)
-    t_sdpa = _time(sdpa, device, args.iters)
-    bytes_read = batch * context * h_kv * (2 * d * inputs["key_cache"].element_size() + 4)
-    return dict(
+    t_kernel = _time_graph(kernel, device, args.iters)
+    t_eager = _time(kernel, device, args.iters)
+    t_host = _time_host(kernel, device, args.iters)
+    t_plain = _time_graph(lambda: kernel(None), device, args.iters)
+    t_sdpa = _time_graph(sdpa, device, args.iters)
+    row = dict(
         batch=batch,
         context=context,
         splits=splits,
         max_abs_err=err,
         kernel_us=t_kernel * 1e6,
+        eager_us=t_eager * 1e6,
+        host_us=t_host * 1e6,
         kernel_no_votes_us=t_plain * 1e6,
         sdpa_us=t_sdpa * 1e6,
         ratio=t_kernel / t_sdpa,
-        gbps=bytes_read / t_kernel / 1e9,
+        gbps=_bytes_read(batch, context, h_kv, d, inputs["key_cache"].element_size()) / t_kernel / 1e9,
     )
+    if args.sweep:
+        row["sweep"] = sweep(inputs, splits, ws, out, scale, device, args.iters)
+    return row
+
+
+def _bytes_read(batch: int, context: int, h_kv: int, d: int, element_size: int) -> float:
+    return batch * context * h_kv * (2 * d * element_size + 4)  # keys, values, float32 log-votes
+
+
+#: tile slots x warps x pipeline stages tried by ``--sweep`` (the served choice is among them)
+SWEEP = [(n, w, s) for n in (16, 32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def sweep(
+    inputs: dict[str, torch.Tensor],
+    splits: int,
+    ws: Workspace | None,
+    out: torch.Tensor,
+    scale: float,
+    device: str,
+    iters: int,
+) -> list[dict]:
+    """The decode kernel at each (tile slots, warps, stages) of ``SWEEP``, graph-timed, on the
+    same data and split count: whether the served tile and launch options are the fast ones."""
+    rows = []
+    for block_n, warps, stages in SWEEP:
+        launches = attention_launches(
+            **inputs, max_query_len=1, scale=scale, out=out, num_splits=splits, workspace=ws, block_n=block_n
+        )
+        launches[0] = replace(launches[0], options={"num_warps": warps, "num_stages": stages})
+
+        def run_all(launches: list = launches) -> None:
+            for launch in launches:
+                launch()
+
+        try:
+            us = _time_graph(run_all, device, iters) * 1e6
+        except Exception as e:  # e.g. a tile x stages that does not fit in shared memory
+            rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "error": str(e)[:200]})
+            continue
+        rows.append({"block_n": block_n, "num_warps": warps, "num_stages": stages, "us": us})
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -165,10 +251,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         f"{args.q_heads}q/{args.kv_heads}kv heads, d={args.head_dim}, {args.dtype}, block {args.block_size}"
     )
     print(
-        "| batch | context | splits | max err | kernel us | no votes us | SDPA us | kernel/SDPA "
-        "| GB/s | % of copy BW |"
+        "| batch | context | splits | max err | kernel us (graph) | eager us | host us | no votes us "
+        "| SDPA us | kernel/SDPA | GB/s | % of copy BW |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for batch in args.batches:
         for context in args.contexts:
@@ -185,6 +271,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row["splits"],
                 f"{row['max_abs_err']:.1e}",
                 f"{row['kernel_us']:.1f}",
+                f"{row['eager_us']:.1f}",
+                f"{row['host_us']:.1f}",
                 f"{row['kernel_no_votes_us']:.1f}",
                 f"{row['sdpa_us']:.1f}",
                 f"{row['ratio']:.2f}",
@@ -192,6 +280,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                 f"{100 * row['bw_fraction']:.0f}%",
             ]
             print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+            if "sweep" in row:
+                timed = [r for r in row["sweep"] if "us" in r]
+                best = min(timed, key=lambda r: r["us"]) if timed else None
+                if best:
+                    print(
+                        f"|   | sweep best: {best['block_n']} slots, {best['num_warps']} warps, "
+                        f"{best['num_stages']} stages: {best['us']:.1f} us "
+                        f"({row['kernel_us'] / best['us']:.2f}x the served) |",
+                        flush=True,
+                    )
             if device == "cuda":
                 import gc
 
@@ -212,6 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny grid that also runs on the CPU interpreter")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--sweep", action="store_true", help="also time every tile x warps x stages of SWEEP")
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.contexts, args.iters = [2], [64], 1

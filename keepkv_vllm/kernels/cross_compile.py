@@ -37,7 +37,7 @@ GPU_TRITON = {
 }
 #: largest shared memory one block may take, by target (CUDA's per-block opt-in maximum): a
 #: kernel that asks more compiles but fails at launch ("out of resource: shared memory")
-SHARED_LIMIT = {80: 166_912, 90: 232_448, 100: 232_448}
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
 ROOT = Path(__file__).resolve().parents[2]
 TRITON_DIR = ROOT / ".cache" / "triton"
 
@@ -188,12 +188,13 @@ def compile_variant(launch: Any, arch: int) -> tuple[Variant, Compiled]:
     )
 
 
-def distinct_variants() -> dict[str, dict[str, Any]]:
-    """Every distinct variant of every served launch, with the shapes that use it."""
+def distinct_variants(arch: int) -> dict[str, dict[str, Any]]:
+    """Every distinct variant of every served launch on ``arch`` (whose shared memory sizes
+    decode's KV tile), with the shapes that use it."""
     from keepkv_vllm.kernels.variants import all_served_launches
 
     found: dict[str, dict[str, Any]] = {}
-    for shape, what, launch in all_served_launches():
+    for shape, what, launch in all_served_launches(SHARED_LIMIT[arch]):
         variant, _ = specialize(launch)
         entry = found.setdefault(variant.key, {"variant": variant, "launch": launch, "what": what, "uses": 0})
         entry["uses"] += 1
@@ -204,10 +205,11 @@ def distinct_variants() -> dict[str, dict[str, Any]]:
 def run(archs: list[int]) -> dict[str, Any]:
     import triton
 
-    variants = distinct_variants()
-    rows, not_served = [], []
-    for entry in variants.values():
-        for arch in archs:
+    rows, not_served, count = [], [], 0
+    for arch in archs:
+        variants = distinct_variants(arch)
+        count = max(count, len(variants))
+        for entry in variants.values():
             if not served_on(entry["variant"], arch):
                 not_served.append({"kernel": entry["variant"].kernel, "what": entry["what"], "arch": arch})
                 continue
@@ -222,7 +224,7 @@ def run(archs: list[int]) -> dict[str, Any]:
                     "signature": variant.signature,
                 }
             )
-    result = {"triton": triton.__version__, "archs": archs, "variants": len(variants), "rows": rows}
+    result = {"triton": triton.__version__, "archs": archs, "variants": count, "rows": rows}
     return {**result, "not_served": not_served}
 
 

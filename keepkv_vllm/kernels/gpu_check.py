@@ -38,7 +38,7 @@ from keepkv_vllm.attention.kv_layout import (
 from keepkv_vllm.attention.paged_torch import batched_vote_decode
 from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.attention.reference import vote_attention
-from keepkv_vllm.kernels.triton_vote_attention import FP32_DOT
+from keepkv_vllm.kernels.triton_vote_attention import FP32_DOT, MAX_SHARED_MEMORY, device_shared_memory
 
 #: max |kernel - reference| allowed, by model dtype (outputs are O(1)). fp32 follows the kernel's
 #: fp32 dot: TF32 (10-bit mantissa products, ~1e-3 of a logit) on a GPU, exact under the interpreter
@@ -63,6 +63,7 @@ class ServedShape:
     max_num_seqs: int = 256
     max_model_len: int = 8192
     num_sms: int = 132
+    shared_memory: int = MAX_SHARED_MEMORY  # per block (CUDA's opt-in maximum): sizes decode's KV tile
 
     def describe(self) -> str:
         cache = f", {self.kv_cache_dtype} KV" if self.kv_cache_dtype != "auto" else ""
@@ -369,7 +370,10 @@ def run_grid(grid: list[tuple], device: torch.device, max_model_len: int = 32768
     print("|---|---|---:|---:|---:|---|---:|")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     for dtype, d, bs, hq, hkv, kv in grid:
-        shape = ServedShape(dtype, d, bs, hq, hkv, kv, max_model_len=max_model_len, num_sms=sms)
+        shared = device_shared_memory(device)
+        shape = ServedShape(
+            dtype, d, bs, hq, hkv, kv, max_model_len=max_model_len, num_sms=sms, shared_memory=shared
+        )
         start = time.perf_counter()
         try:
             report, ok = self_check(shape, device), True

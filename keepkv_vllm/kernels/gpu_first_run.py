@@ -9,7 +9,8 @@ One JSON (``OUT_DIR/gpu-first-run.json``) with, in order of what stops a server 
    against torch), the 64-bit addressing probe (a layer cache past 2**31 elements) and the
    decode benchmark against torch's SDPA at 4k-32k contexts and batches 1-256;
 3. host synchronisations of a compression order on the device, counted by CUDA itself
-   (``torch.cuda.set_sync_debug_mode``) and by the CPU tests' counter, side by side.
+   (``torch.cuda.set_sync_debug_mode``) and by the CPU tests' counter, side by side;
+4. each method's compression order timed on the device (what the cost policy learns online).
 """
 
 from __future__ import annotations
@@ -76,12 +77,11 @@ def import_hygiene() -> dict[str, Any]:
     }
 
 
-def order_syncs(device: torch.device) -> dict[str, Any]:
-    """One KeepKV compression order over 32 layers on the device, its syncs counted twice."""
+def _order_problem(device: torch.device) -> tuple[list, Any]:
+    """32 bf16 layers of Llama-3.1-8B's attention shape (8 kv heads, d 128, 16 window rows) and
+    one order compressing a 1,000-slot request to 300 slots into 19 of its 64 blocks."""
     from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache
-    from keepkv_vllm.engine.compaction import CompressionOrder, compact_request
-    from keepkv_vllm.host_sync import count_host_syncs
-    from keepkv_vllm.methods import get_method
+    from keepkv_vllm.engine.messages import CompressionOrder
 
     g = torch.Generator(device=device).manual_seed(0)
     layers = []
@@ -91,7 +91,20 @@ def order_syncs(device: torch.device) -> dict[str, Any]:
         paged.value_cache.copy_(torch.randn(paged.value_cache.shape, generator=g, device=device))
         layers.append((paged, torch.randn(32, 16, 128, generator=g, device=device).to(torch.bfloat16)))
     blocks = tuple(range(0, 64))
-    order = CompressionOrder("r", blocks, 1000, 300, 0, 1000, block_ids=blocks[:19])
+    return layers, CompressionOrder("r", blocks, 1000, 300, 0, 1000, block_ids=blocks[:19])
+
+
+#: CUDA's sync debug mode announces itself with a warning that is not a synchronisation
+_NOT_A_SYNC = "debug mode is a prototype"
+
+
+def order_syncs(device: torch.device) -> dict[str, Any]:
+    """One KeepKV compression order over 32 layers on the device, its syncs counted twice."""
+    from keepkv_vllm.engine.compaction import compact_request
+    from keepkv_vllm.host_sync import count_host_syncs
+    from keepkv_vllm.methods import get_method
+
+    layers, order = _order_problem(device)
     method = get_method("keepkv")
     compact_request(layers, order, method)  # warm-up: allocator, kernels
     torch.cuda.synchronize(device)
@@ -105,7 +118,8 @@ def order_syncs(device: torch.device) -> dict[str, Any]:
             seconds = time.perf_counter() - start
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    cuda_syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    messages = [str(w.message).splitlines()[0] for w in caught]
+    cuda_syncs = [m for m in messages if "synchroniz" in m.lower() and _NOT_A_SYNC not in m]
     with count_host_syncs() as counted:
         compact_request(layers, order, method)
     return {
@@ -116,6 +130,37 @@ def order_syncs(device: torch.device) -> dict[str, Any]:
         "order_seconds": seconds,
         "ok": len(cuda_syncs) <= 1,
     }
+
+
+def compaction_costs(device: torch.device, repeats: int = 5) -> list[dict[str, Any]]:
+    """Each method's compression order (32 layers, 1,000 slots to 300) timed on the device: what
+    the measured cost policy learns online, as a first figure for this GPU."""
+    from keepkv_vllm.engine.compaction import compact_request
+    from keepkv_vllm.methods import METHODS, get_method
+
+    layers, order = _order_problem(device)
+    rows = []
+    for name in sorted(METHODS):
+        method = get_method(name)
+        compact_request(layers, order, method)  # warm-up
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            compact_request(layers, order, method)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        seconds = sorted(times)[len(times) // 2]
+        slot_layers = order.kv_len_before * len(layers)
+        rows.append(
+            {"method": name, "order_ms": 1e3 * seconds, "us_per_slot_layer": 1e6 * seconds / slot_layers}
+        )
+        print(
+            f"compaction {name}: {1e3 * seconds:.1f} ms per order, "
+            f"{1e6 * seconds / slot_layers:.2f} us per slot-layer",
+            flush=True,
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             result["order_syncs"] = order_syncs(torch.device("cuda"))
             print("host syncs of one order:", json.dumps(result["order_syncs"]), flush=True)
+            result["compaction_costs"] = compaction_costs(torch.device("cuda"))
     finally:
         result["seconds"] = time.perf_counter() - start
         (args.out / "gpu-first-run.json").write_text(json.dumps(result, indent=1, default=str))

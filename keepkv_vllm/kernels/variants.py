@@ -22,6 +22,7 @@ from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache
 from keepkv_vllm.attention.quant import KVQuant
 from keepkv_vllm.kernels.gpu_check import ServedShape, qkv_views
 from keepkv_vllm.kernels.triton_vote_attention import (
+    MAX_SHARED_MEMORY,
     Launch,
     Workspace,
     attention_launches,
@@ -65,7 +66,7 @@ def served_launches(shape: ServedShape) -> Iterator[tuple[str, Launch]]:
     for splits in shape.split_counts():
         for launch in attention_launches(
             q[:2], key_cache, value_cache, cache.log_votes, table, seq_lens, qsl, 1, 0.1, out[:2],
-            num_splits=splits, workspace=workspace, **scales,
+            num_splits=splits, workspace=workspace, shared_memory=shape.shared_memory, **scales,
         ):  # fmt: skip
             yield f"decode, {splits} splits", launch
     for votes in (None, cache.log_votes):
@@ -76,14 +77,18 @@ def served_launches(shape: ServedShape) -> Iterator[tuple[str, Launch]]:
             yield name, launch
 
 
-def served_shapes() -> Iterator[ServedShape]:
-    """The span of shapes the plugin serves (see the module docstring)."""
+def served_shapes(shared_memory: int = MAX_SHARED_MEMORY) -> Iterator[ServedShape]:
+    """The span of shapes the plugin serves (see the module docstring), on a GPU whose blocks may
+    take ``shared_memory`` bytes."""
     grid = itertools.product(MODEL_DTYPES, KV_CACHE_DTYPES, HEAD_SIZES, GQA_RATIOS, KV_HEADS, BLOCK_SIZES)
     for dtype, kv, head_size, group, kv_heads, block_size in grid:
-        yield ServedShape(dtype, head_size, block_size, group * kv_heads, kv_heads, kv, max_model_len=32768)
+        yield ServedShape(
+            dtype, head_size, block_size, group * kv_heads, kv_heads, kv, max_model_len=32768,
+            shared_memory=shared_memory,
+        )  # fmt: skip
 
 
-def all_served_launches() -> Iterator[tuple[ServedShape, str, Launch]]:
-    for shape in served_shapes():
+def all_served_launches(shared_memory: int = MAX_SHARED_MEMORY) -> Iterator[tuple[ServedShape, str, Launch]]:
+    for shape in served_shapes(shared_memory):
         for what, launch in served_launches(shape):
             yield shape, what, launch

@@ -51,6 +51,7 @@ class KeepKVGPUWorker(CompressionWorkerMixin, Worker):
         served shapes; refuse to serve on a miss (the whole reason, in one block)."""
         from keepkv_vllm.engine.gpu.flash_attention import num_sms
         from keepkv_vllm.kernels.gpu_check import SelfCheckError, ServedShape, self_check
+        from keepkv_vllm.kernels.triton_vote_attention import device_shared_memory
 
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         config = self.vllm_config
@@ -65,6 +66,7 @@ class KeepKVGPUWorker(CompressionWorkerMixin, Worker):
             max_num_seqs=config.scheduler_config.max_num_seqs,
             max_model_len=model.max_model_len,
             num_sms=num_sms(self.device),
+            shared_memory=device_shared_memory(self.device),
         )
         try:
             report = self_check(shape, device=self.device)
