@@ -166,10 +166,21 @@ class KVCompressionMethod(ABC):
         budget: int,
         span: ProtectedSpan,
     ) -> Selection:
-        """Sinks, recent and the ``budget - sink - recent`` middle slots of highest priority."""
-        priority = self.priority(keys, votes, queries, span)
-        kept, heavy = select_top(priority, budget, span)
+        """Sinks, recent and the ``slots_kept - sink - recent`` middle slots of highest
+        ``select_priority``."""
+        priority = self.select_priority(keys, votes, queries, budget, span)
+        kept, heavy = select_top(priority, self.slots_kept(budget, span), span)
         return Selection(keys, values, votes, queries, budget, span, priority, kept, heavy)
+
+    def select_priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, budget: int, span: ProtectedSpan
+    ) -> torch.Tensor:
+        """What selection ranks by: ``priority``, unless a method reshapes it for the budget."""
+        return self.priority(keys, votes, queries, span)
+
+    def slots_kept(self, budget: int, span: ProtectedSpan) -> int:
+        """Slots selection keeps as they are: all the budget, unless merged slots take a share."""
+        return budget
 
     def merge(self, selection: Selection) -> CompressionResult:
         """Fold evicted slots into kept ones; by default nothing is merged (eviction)."""

@@ -63,7 +63,6 @@ from keepkv_vllm.methods.base import (
     log_window_probability,
     pool_before_recent,
     register,
-    select_top,
 )
 
 # Cap on the evicted x heavy similarity matrix materialised at once (elements).
@@ -174,25 +173,17 @@ class KeepKV(KVCompressionMethod):
     ) -> torch.Tensor:
         return self._pooled(self._ranking(keys, votes, queries), span)
 
-    def select(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        votes: torch.Tensor,
-        queries: torch.Tensor,
-        budget: int,
-        span: ProtectedSpan,
-    ) -> Selection:
-        """The base selection, after each head's newest middle slots are favoured in
-        proportion to the window attention they get (``local_share``)."""
+    def select_priority(
+        self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor, budget: int, span: ProtectedSpan
+    ) -> torch.Tensor:
+        """The base priority, with each head's newest middle slots favoured in proportion to
+        the window attention they get (``local_share``)."""
         if not self.local_share:
-            return super().select(keys, values, votes, queries, budget, span)
+            return super().select_priority(keys, votes, queries, budget, span)
         log_p = log_window_probability(keys, votes, queries, self.distance_weight)
         ranking = log_p if self.selection == "probability" else self._log_weights(keys, votes, queries)
         share = newest_share(log_p, budget, span)
-        priority = favour_newest(self._pooled(ranking, span), share, budget, span)
-        kept, heavy = select_top(priority, budget, span)
-        return Selection(keys, values, votes, queries, budget, span, priority, kept, heavy)
+        return favour_newest(self._pooled(ranking, span), share, budget, span)
 
     def _ranking(self, keys: torch.Tensor, votes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         if self.selection == "mass":  # the authors' ranking: unnormalised mass

@@ -37,7 +37,6 @@ from keepkv_vllm.methods.base import (
     compute_dtype,
     gather_slots,
     register,
-    select_top,
 )
 from keepkv_vllm.methods.h2o import accumulated_window_attention
 
@@ -91,20 +90,10 @@ class KVMerger(KVCompressionMethod):
     ) -> torch.Tensor:
         return accumulated_window_attention(keys, votes, queries).to(compute_dtype(keys.dtype))
 
-    def select(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        votes: torch.Tensor,
-        queries: torch.Tensor,
-        budget: int,
-        span: ProtectedSpan,
-    ) -> Selection:
-        """Sinks, recent and the top-attention reserve (``heavy_fraction`` of the middle);
-        the rest of the budget goes to merged runs of the other slots."""
-        priority = self.priority(keys, votes, queries, span)
-        kept, heavy = select_top(priority, span.sink + self._reserve(budget, span) + span.recent, span)
-        return Selection(keys, values, votes, queries, budget, span, priority, kept, heavy)
+    def slots_kept(self, budget: int, span: ProtectedSpan) -> int:
+        """Sinks, recent and the top-attention reserve (``heavy_fraction`` of the middle); the
+        rest of the budget goes to merged runs of the other slots."""
+        return span.sink + self._reserve(budget, span) + span.recent
 
     def _reserve(self, budget: int, span: ProtectedSpan) -> int:
         return math.floor(self.heavy_fraction * (budget - span.sink - span.recent))
