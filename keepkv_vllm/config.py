@@ -129,23 +129,6 @@ class KVCompressionConfig(BaseModel):
             return {**shared, **self.method_options}
         return shared
 
-    def target_tokens(self, num_tokens: int, budget: float | int | None = None) -> int:
-        """Slots a request of ``num_tokens`` tokens keeps per head after compression."""
-        b = self.budget if budget is None else budget
-        target = math.ceil(b * num_tokens) if isinstance(b, float) else b
-        return max(target, self.min_budget_tokens)
-
-    def tokens_within_target(self, limit: int, budget: float | int | None = None) -> float:
-        """A lower bound on the largest token count whose target is at most ``limit`` slots
-        (inf when the target never grows; -1 when no count's is). One token of margin against
-        float rounding: callers use it to skip recomputing, so early is safe and late is not."""
-        b = self.budget if budget is None else budget
-        if self.min_budget_tokens > limit:
-            return -1
-        if not isinstance(b, float):
-            return math.inf if b <= limit else -1
-        return math.floor(limit / b) - 1
-
 
 class RequestOptions(BaseModel):
     """Per-request options from ``SamplingParams.extra_args``."""

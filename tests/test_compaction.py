@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache, gather_votes
-from keepkv_vllm.engine.compaction import CompressionOrder, compact_request
+from keepkv_vllm.engine.compaction import compact_request
+from keepkv_vllm.engine.messages import CompressionOrder
 from keepkv_vllm.methods import METHODS, get_method
 
 BS, H, D = 8, 2, 4
@@ -66,7 +67,7 @@ def test_blocks_outside_the_request_are_untouched():
 
 
 def test_request_ledger_sums_per_request_and_forgets_the_oldest():
-    from keepkv_vllm.engine.compaction import RequestLedger
+    from keepkv_vllm.engine.counters import RequestLedger
 
     ledger = RequestLedger(capacity=2)
     ledger.add("a", compressions=1, slots_removed=100)

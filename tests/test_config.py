@@ -21,6 +21,7 @@ from keepkv_vllm.config import (
     parse_request_options,
 )
 from keepkv_vllm.methods import METHODS
+from keepkv_vllm.policy.planner import target_slots
 
 ANY_JSON = st.recursive(
     st.none()
@@ -105,7 +106,7 @@ def test_fuzzed_engine_settings_parse_or_raise_config_error(data):
         assert bad or "settings" in message, message  # names a key (or the whole mapping)
         return
     assert config.min_budget_tokens > config.sink + config.window
-    assert config.target_tokens(10_000) >= config.min_budget_tokens
+    assert target_slots(10_000, config.budget, config.min_budget_tokens) >= config.min_budget_tokens
 
 
 @pytest.mark.parametrize("value", [[], "not json {", "{bad json", "/no/such/file.yaml", "{" + "x" * 5000])
@@ -120,19 +121,6 @@ def test_method_options_belong_to_the_configured_method():
     assert config.method_kwargs()["similarity_threshold"] == 0.9
     assert "similarity_threshold" not in config.method_kwargs("h2o")  # per-request kv_method
     assert config.method_kwargs("h2o")["sink"] == config.sink
-
-
-@pytest.mark.parametrize("budget", [0.1, 0.3, 1 / 3, 0.7, 1.0, 200])
-def test_tokens_within_target_bounds_the_last_token_count_below_a_limit(budget):
-    """The scheduler skips re-ranking a request until this count: it may be early, never late."""
-    config = KVCompressionConfig(method="keepkv", budget=budget)
-    for limit in range(config.min_budget_tokens - 2, 1200, 7):
-        last = config.tokens_within_target(limit)
-        if last == math.inf:
-            assert all(config.target_tokens(n) <= limit for n in range(0, 20000, 97))
-            continue
-        exact = max((n for n in range(0, 13000) if config.target_tokens(n) <= limit), default=-1)
-        assert exact - 2 <= last <= exact, (limit, last, exact)
 
 
 def test_an_unknown_kv_option_names_the_known_ones():

@@ -15,23 +15,11 @@ import openai
 import pytest
 from conftest import serving
 
-from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess, smollm2_flags
 
 pytestmark = pytest.mark.slow
 
-COMMON = [
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "2048",
-    "--enforce-eager",
-    "--max-num-batched-tokens",
-    "512",
-    "--gpu-memory-utilization",
-    "0.3",  # on the CPU: the share of host memory vLLM may take
-    "--kv-cache-memory-bytes",
-    str(2**30),  # roomy: nobody is short of blocks, so stock never preempts
-]
+COMMON = smollm2_flags(2048, 2**30)  # roomy: nobody is short of blocks, so stock never preempts
 ALWAYS = ["--kv-compression", "keepkv", "--kv-compression-config", '{"budget": 0.2, "trigger": "always"}']
 MIX = [
     {"kv_compression": "off"},

@@ -24,24 +24,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess, smollm2_flags
 
 pytestmark = pytest.mark.slow
 
 POOL_BLOCKS = 14  # one 1,280-token request (11 blocks) fits uncompressed, three do not
 PROMPT_TOKENS = 1280
 OUTPUT_TOKENS = 24
-COMMON = [
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "1408",
-    "--enforce-eager",
-    "--max-num-batched-tokens",
-    "512",
-    "--gpu-memory-utilization",
-    "0.3",
-]
+COMMON = smollm2_flags(1408)
 SETTINGS = '{"budget": 0.3, "trigger": "always", "window_memory": 0.05}'
 KEEPKV = ["--kv-compression", "keepkv", "--kv-compression-config", SETTINGS]
 KV_BYTES = POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN

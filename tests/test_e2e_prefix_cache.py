@@ -8,7 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess, smollm2_flags
 
 pytestmark = pytest.mark.slow
 
@@ -16,15 +16,7 @@ BLOCK = 128
 PREFIX_TOKENS = 3 * BLOCK + 20  # three full shared blocks and a partial one
 SUFFIX_TOKENS = 900
 ARGS = [
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "2048",
-    "--enforce-eager",
-    "--gpu-memory-utilization",
-    "0.3",
-    "--kv-cache-memory-bytes",
-    str(60 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN),
+    *smollm2_flags(2048, 60 * BLOCK * SMOLLM2_KV_BYTES_PER_TOKEN, batched_tokens=None),
     "--enable-prefix-caching",
     "--kv-compression",
     "keepkv",

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess, smollm2_flags
 from keepkv_vllm.eval.harness import default_dtype
 
 pytestmark = pytest.mark.slow
@@ -35,19 +35,9 @@ PROMPT_RANGE = (32, 640)
 OUTPUT_RANGE = (1, 64)
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 ARGS = [
-    "--dtype",
-    DTYPE,
-    "--max-model-len",
-    "1024",
-    "--enforce-eager",
-    "--max-num-batched-tokens",
-    "512",
+    *smollm2_flags(1024, POOL_BLOCKS * 128 * KV_BYTES_PER_TOKEN, dtype=DTYPE),
     "--max-num-seqs",
     "32",
-    "--gpu-memory-utilization",
-    "0.3",
-    "--kv-cache-memory-bytes",
-    str(POOL_BLOCKS * 128 * KV_BYTES_PER_TOKEN),
     "--kv-compression",
     "keepkv",
     "--kv-compression-config",

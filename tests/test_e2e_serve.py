@@ -21,7 +21,7 @@ import openai
 import pytest
 from conftest import serving
 
-from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess
+from keepkv_vllm.bench.server import SERVED_NAME, SMOLLM2_KV_BYTES_PER_TOKEN, ServerProcess, smollm2_flags
 from keepkv_vllm.bench.workload import run_concurrent
 
 pytestmark = pytest.mark.slow
@@ -35,19 +35,8 @@ KEEPKV_WINDOW_ROWS = 7
 PROMPT_TOKENS = 1535  # one slot short of 12 blocks: every request needs a 13th while decoding
 OUTPUT_TOKENS = 64
 NUM_REQUESTS = 8
-COMMON = [
-    "--dtype",
-    "float32",
-    "--max-model-len",
-    "2048",
-    "--enforce-eager",  # ~35 s startup instead of ~100 s of torch.compile; same for both servers
-    "--max-num-batched-tokens",
-    "512",  # prompts are prefilled in 3 chunks, beside requests that are decoding compressed
-    "--gpu-memory-utilization",
-    "0.3",
-    "--kv-cache-memory-bytes",
-    str(POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN),
-]
+# prompts are prefilled in 3 chunks of 512, beside requests that are decoding compressed
+COMMON = smollm2_flags(2048, POOL_BLOCKS * 128 * SMOLLM2_KV_BYTES_PER_TOKEN)
 KEEPKV = ["--kv-compression", "keepkv", "--kv-compression-config", '{"budget": 0.3}']
 # fp8: one byte per element, so 39 stock blocks of 128 tokens take 57,507,840 bytes. keepkv
 # reserves 9 window rows (window_memory 0.08; rows are bf16 queries whatever the cache holds)
@@ -57,12 +46,7 @@ FP8_BYTES_PER_TOKEN = SMOLLM2_KV_BYTES_PER_TOKEN // 4
 FP8_STOCK_BLOCKS = 39
 FP8_KEEPKV_BLOCKS = 35
 FP8_WINDOW_ROWS = 8
-FP8 = [
-    *COMMON[:-1],
-    str(FP8_STOCK_BLOCKS * 128 * FP8_BYTES_PER_TOKEN),
-    "--kv-cache-dtype",
-    "fp8",
-]
+FP8 = [*smollm2_flags(2048, FP8_STOCK_BLOCKS * 128 * FP8_BYTES_PER_TOKEN), "--kv-cache-dtype", "fp8"]
 KEEPKV_FP8 = [
     "--kv-compression",
     "keepkv",

@@ -13,7 +13,8 @@ import torch
 
 from keepkv_vllm.attention.kv_layout import FlashPagedKV, allocate_padded_cache
 from keepkv_vllm.attention.quant import KVQuant
-from keepkv_vllm.engine.compaction import CompressionOrder, compact_request
+from keepkv_vllm.engine.compaction import compact_request
+from keepkv_vllm.engine.messages import CompressionOrder
 from keepkv_vllm.host_sync import count_host_syncs, upload
 from keepkv_vllm.methods import METHODS, get_method
 

@@ -164,23 +164,10 @@ def test_plugin_is_registered_as_an_entry_point():
 def test_a_server_whose_compression_memory_leaves_no_room_for_one_request_stops_at_startup():
     # 17 blocks' bytes hold one 2,048-token request stock (16 blocks + vLLM's null block); the
     # votes and the query window of a compressed server do not fit beside it
-    from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN
+    from keepkv_vllm.bench.server import SMOLLM2_KV_BYTES_PER_TOKEN, smollm2_flags
 
-    flags = [
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "2048",
-        "--enforce-eager",
-        "--gpu-memory-utilization",
-        "0.3",
-    ]
-    flags += [
-        "--kv-cache-memory-bytes",
-        str(17 * 128 * SMOLLM2_KV_BYTES_PER_TOKEN),
-        "--kv-compression",
-        "keepkv",
-    ]
+    flags = smollm2_flags(2048, 17 * 128 * SMOLLM2_KV_BYTES_PER_TOKEN, batched_tokens=None)
+    flags += ["--kv-compression", "keepkv"]
     proc = subprocess.run(
         [vllm_executable(), "serve", str(model_dir()), *flags],
         capture_output=True,

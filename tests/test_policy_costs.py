@@ -139,63 +139,17 @@ def test_the_model_reads_in_units_a_person_can_check():
     assert "6.00 ms per decode request" in costs.describe(30)
 
 
-# -- the scheduler asks the policy (engine/scheduler.py, on stand-in requests: no engine) -------
+# -- the scheduler times its steps (engine/scheduler.py glue; decisions: tests/test_planner.py) -------
 def scheduler_with(costs: StepCosts):
     pytest.importorskip("vllm")
-    from collections import deque
-
-    from vllm.v1.core.sched.request_queue import SchedulingPolicy
-
     from keepkv_vllm.config import parse_config
-    from keepkv_vllm.engine.scheduler import CompressionCounters, KeepKVScheduler
+    from keepkv_vllm.engine.scheduler import KeepKVScheduler
+    from keepkv_vllm.policy.planner import Planner
 
-    s = object.__new__(KeepKVScheduler)  # only what the decisions read
-    s.settings = parse_config({"method": "keepkv", "budget": 0.1})
-    s.policy = SchedulingPolicy.FCFS
-    s.step_costs, s.cost_policy = costs, Policy(costs)
-    s.counters, s.kv_offset, s._request_options = CompressionCounters(), {}, {}
-    s._output_lengths = deque(maxlen=256)
+    s = object.__new__(KeepKVScheduler)  # only what update_from_output reads
+    s.planner = Planner(parse_config({"method": "keepkv"}), 128, 100, costs)
     s._timing, s._logged_costs = None, set()
     return s
-
-
-def running(rid: str, computed: int, generated: int = 0, max_tokens: int = 1000):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        request_id=rid,
-        num_computed_tokens=computed,
-        num_prompt_tokens=computed - generated,
-        num_output_tokens=generated,
-        max_tokens=max_tokens,
-        sampling_params=SimpleNamespace(extra_args=None),
-    )
-
-
-def test_the_scheduler_lets_vllm_preempt_when_recomputing_is_cheaper_and_counts_why():
-    costs = StepCosts()
-    serve(costs, CPU, compact_every=7)  # 80 ms per 1k compacted slots, 0.4 ms per recomputed token
-    s = scheduler_with(costs)
-    victim, short = running("long", 3000, generated=999), running("short", 100)
-    s.running = [victim, short]  # vLLM would preempt the last: 100 tokens, 40 ms to recompute
-    assert not s._pays(victim, [], short, True)  # compacting 3,000 slots: 240 ms
-    assert s.counters.declined_recompute_cheaper == 1
-    s.running = [short, victim]  # now it would preempt the long one: 1.2 s to recompute
-    assert s._pays(victim, [], short, True) and s.counters.declined_recompute_cheaper == 1
-
-
-def test_the_scheduler_lets_a_request_wait_when_one_more_in_the_batch_gains_less_than_compaction():
-    costs = StepCosts()
-    serve(
-        costs,
-        machine(base=0.0005, prefill=0.0004, decode=0.006, context=0.002, voted=0.004, compaction=0.08),
-        compact_every=3,
-    )  # compute-bound: 0.5 ms of a ~40 ms step is fixed
-    s = scheduler_with(costs)
-    s.running = [running(f"r{i}", 2000, generated=1000, max_tokens=1001) for i in range(4)]
-    newcomer = running("new", 640, max_tokens=384)
-    assert not s._pays(s.running[0], [], newcomer, False)
-    assert s.counters.declined_batch_gain_below_cost == 1
 
 
 def test_the_scheduler_times_each_step_and_updates_the_costs(monkeypatch):
@@ -209,10 +163,10 @@ def test_the_scheduler_times_each_step_and_updates_the_costs(monkeypatch):
     for _ in range(3):
         s._timing = (output, StepShape(decode_requests=2, context_slots=1000), time.perf_counter() - 0.05)
         assert s.update_from_output(output, None) == "outputs"
-    assert s.step_costs.steps == 3 and s.step_costs.predict(StepShape(decode_requests=2)) > 0.02
+    assert s.planner.costs.steps == 3 and s.planner.costs.predict(StepShape(decode_requests=2)) > 0.02
     s._timing = (object(), StepShape(decode_requests=2), time.perf_counter())  # another step's output
     s.update_from_output(output, None)
-    assert s.step_costs.steps == 3  # not paired with its own schedule: not timed
+    assert s.planner.costs.steps == 3  # not paired with its own schedule: not timed
 
 
 def test_what_one_more_request_saves_is_right_even_when_requests_and_slots_move_together():

@@ -65,30 +65,28 @@ def test_the_memoized_ranking_answers_as_a_full_evaluation_does(monkeypatch, pro
     """The ranking keeps each request's reclaim until its blocks, window row, step tokens or
     token count could change it; on every call of a pressured run it must give what evaluating
     the request in full gives, and it must mostly answer from the memo (else it saves nothing)."""
-    from vllm.v1.request import RequestStatus
+    from keepkv_vllm.policy.planner import Planner
 
-    from keepkv_vllm.engine.scheduler import KeepKVScheduler
-
-    memoized, full = KeepKVScheduler._reclaimable, KeepKVScheduler._reclaim_now
+    memoized, full = Planner.reclaimable, Planner._reclaim_now
     calls = {"ranked": 0, "evaluated": 0, "positive": 0}
 
-    def evaluated(self, request, held, step):
+    def evaluated(self, request, record, held, step):
         calls["evaluated"] += 1
-        return full(self, request, held, step)
+        return full(self, request, record, held, step)
 
-    def checked(self, request):
-        got = memoized(self, request)
+    def checked(self, request, held):
+        got = memoized(self, request, held)
         calls["ranked"] += 1
         calls["positive"] += got > 0
         want = 0
-        if request.status == RequestStatus.RUNNING and request.request_id not in self._orders:
-            held = len(self._blocks.req_to_blocks.get(request.request_id, ()))
-            want = full(self, request, held, self._step_tokens.get(request.request_id, 0))[0]
+        record = self.tracked.get(request.request_id)
+        if record is not None and request.request_id not in self.ordered:
+            want = full(self, request, record, held, self.step_tokens.get(request.request_id, 0))[0]
         assert got == want, (request.request_id, request.num_computed_tokens)
         return got
 
-    monkeypatch.setattr(KeepKVScheduler, "_reclaimable", checked)
-    monkeypatch.setattr(KeepKVScheduler, "_reclaim_now", evaluated)
+    monkeypatch.setattr(Planner, "reclaimable", checked)
+    monkeypatch.setattr(Planner, "_reclaim_now", evaluated)
     result = scheduler_overhead.run(num_requests=32, steps=40, repeats=1, prompt_blocks=prompt_blocks)
     assert result["keepkv_compressions"] > 0 and calls["positive"] > 0
     assert calls["evaluated"] < calls["ranked"] / 2, calls

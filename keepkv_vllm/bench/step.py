@@ -152,7 +152,8 @@ def compaction(
     """One order: a request of ``slots`` slots compressed to ``budget`` on every layer (fp32)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from keepkv_vllm.engine.compaction import CompressionOrder, compact_request
+    from keepkv_vllm.engine.compaction import compact_request
+    from keepkv_vllm.engine.messages import CompressionOrder
     from keepkv_vllm.methods import get_method
 
     bs = shape.block_size

@@ -36,6 +36,7 @@ from pathlib import Path
 from keepkv_vllm.bench import chat
 from keepkv_vllm.bench.server import SERVED_NAME, ServerProcess
 from keepkv_vllm.bench.workload import RequestResult, run_concurrent
+from keepkv_vllm.reports import write_report
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -605,16 +606,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
-    (args.out / "bench.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
-    )
     md = table(rows) + "\n\n" + costs(rows)
     if len(args.kv_cache_dtypes) > 1:
         md += "\n\n" + stacking(rows, min(args.num_prompts, args.concurrency))
-    (args.out / "bench.md").write_text(md + "\n")
-    plot(rows, args.out / "bench.png")
-    print(md)
-    print(f"wrote {args.out}/bench.{{json,md,png}}")
+    data = {"args": vars(args) | {"out": str(args.out)}, "rows": rows}
+    write_report(args.out, "bench", data, md, lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ come back together at the end.
 
 from __future__ import annotations
 
-import zlib
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,112 +22,16 @@ import torch
 
 from keepkv_vllm.attention.kv_layout import PagedKV, gather_votes, scatter_votes
 from keepkv_vllm.attention.quant import KVQuant
+from keepkv_vllm.engine.counters import CompactionStats
+from keepkv_vllm.engine.messages import CompressionOrder
 from keepkv_vllm.host_sync import upload
 from keepkv_vllm.methods.base import CompressionResult, KVCompressionMethod, count_invalid
-
-#: attribute of vLLM's SchedulerOutput carrying this step's orders to the workers
-ORDERS_ATTR = "kv_compression_orders"
-
-
-@dataclass(frozen=True)
-class CompressionOrder:
-    """Compress one request to ``kv_len_after`` slots per head, this step, before forward."""
-
-    req_id: str
-    src_block_ids: tuple[int, ...]  # the request's blocks before compression, covering kv_len_before
-    kv_len_before: int
-    kv_len_after: int
-    frozen_slots: int  # leading slots in blocks shared through the prefix cache: left verbatim
-    num_computed_tokens: int  # real tokens in the cache (RoPE positions keep counting these)
-    method: str = ""  # registered method name; "" = the engine's configured method
-    # its block list once the step is scheduled (a prefix of src + this step's new blocks)
-    block_ids: tuple[int, ...] = ()
-
-    @property
-    def kv_offset(self) -> int:
-        """Tokens removed from the request's cache in total: positions - slots."""
-        return self.num_computed_tokens - self.kv_len_after
 
 
 @dataclass
 class LayerCache:
     kv: PagedKV  # slot-range access to the layer's keys, values and log-votes
     window_queries: torch.Tensor  # [H_q, W, d] oldest first, for this request
-
-
-@dataclass
-class CompactionStats:
-    # an entry is one slot of one layer and kv-head: a request's slot counts once per layer x head
-    entries_removed: int = 0  # merged or dropped, summed over layers and kv-heads
-    entries_merged: int = 0  # of which folded into a survivor
-    saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
-    # NaN/inf inputs or votes <= 0 the method was given (the request's cache was already
-    # corrupt; its output is, too): counted and logged, the engine goes on serving the rest
-    invalid_inputs: int = 0
-
-
-@dataclass
-class WorkerTotals:
-    """Cumulative over the worker's life; reported by GET /v1/kv_compression."""
-
-    orders: int = 0
-    entries_merged: int = 0  # (layer, kv-head, slot) entries folded into survivors
-    entries_removed: int = 0  # (layer, kv-head, slot) entries removed, merged or dropped
-    compaction_seconds: float = 0.0
-    saturated: int = 0  # fp8 elements of merged slots clipped to the format's largest value
-    invalid_inputs: int = 0  # NaN/inf keys, values, queries or votes <= 0 met while compacting
-    # which orders ran, in which order (request, slots before and after): every tensor-parallel
-    # rank of an engine must report the same digest
-    order_digest: int = 0
-
-    def add(self, order: CompressionOrder, stats: CompactionStats, seconds: float) -> None:
-        self.orders += 1
-        self.entries_merged += stats.entries_merged
-        self.entries_removed += stats.entries_removed
-        self.saturated += stats.saturated
-        self.invalid_inputs += stats.invalid_inputs
-        self.compaction_seconds += seconds
-        key = f"{order.req_id}:{order.kv_len_before}:{order.kv_len_after}".encode()
-        self.order_digest = zlib.crc32(key, self.order_digest)
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "orders": self.orders,
-            "entries_merged": self.entries_merged,
-            "entries_removed": self.entries_removed,
-            "compaction_seconds": self.compaction_seconds,
-            "saturated_elements": self.saturated,
-            "invalid_inputs": self.invalid_inputs,
-            "order_digest": self.order_digest,
-        }
-
-
-class RequestLedger:
-    """Per-request compression counters, kept for the newest ``capacity`` requests.
-
-    Both sides keep one: the scheduler counts compressions and slots removed per head, the
-    worker counts tokens merged and removed over all layers and heads. Finished requests stay
-    readable (an evaluation asks after the request is done); the oldest fall out first.
-    """
-
-    def __init__(self, capacity: int = 65536) -> None:
-        self.capacity = capacity
-        self._rows: OrderedDict[str, dict[str, int]] = OrderedDict()
-
-    def add(self, req_id: str, **counts: int) -> None:
-        row = self._rows.get(req_id)
-        if row is None:
-            row = self._rows[req_id] = {}
-            if len(self._rows) > self.capacity:
-                self._rows.popitem(last=False)
-        for key, n in counts.items():
-            row[key] = row.get(key, 0) + n
-
-    def get(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
-        """Rows for these request ids (all rows when None); ids never compressed are absent."""
-        if req_ids is None:
-            return {k: dict(v) for k, v in self._rows.items()}
-        return {k: dict(self._rows[k]) for k in req_ids if k in self._rows}
 
 
 def compact_request(

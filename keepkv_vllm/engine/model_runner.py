@@ -23,16 +23,12 @@ import torch
 
 from keepkv_vllm.attention.kv_layout import PagedKV, vote_bytes_per_block
 from keepkv_vllm.engine import worker_state
-from keepkv_vllm.engine.compaction import (
-    ORDERS_ATTR,
-    CompressionOrder,
-    RequestLedger,
-    WorkerTotals,
-    compact_request,
-)
+from keepkv_vllm.engine.compaction import compact_request
+from keepkv_vllm.engine.counters import RequestLedger, WorkerTotals
 from keepkv_vllm.engine.memory import SideMemory, WindowGeometry, pool_bytes, rows_to_reserve, window_rows
+from keepkv_vllm.engine.messages import ORDERS_ATTR, ROWS_ATTR, CompressionOrder
 from keepkv_vllm.engine.settings import config_from_vllm
-from keepkv_vllm.engine.window import ROWS_ATTR, QueryWindow
+from keepkv_vllm.engine.window import QueryWindow
 from keepkv_vllm.engine.worker_state import StepPlan, VotedDecodeBatch, VotedRequest, WorkerCompressionState
 from keepkv_vllm.host_sync import upload
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: attribute of vLLM's SchedulerOutput carrying this step's new row assignments
-ROWS_ATTR = "kv_compression_window_rows"
-
 
 class RowTable:
     """Scheduler side: which request holds which ring row."""

@@ -16,7 +16,6 @@ with every layer fed the full model's inputs (teacher-forced, so errors do not c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from keepkv_vllm.attention.reference import vote_attention
 from keepkv_vllm.methods import METHODS, get_method
+from keepkv_vllm.reports import write_report
 
 # Method variants studied: every registered method with defaults, plus KeepKV with the
 # authors' count-sum vote rule and with the paper's unpooled selection.
@@ -230,13 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         tuple(args.variants),
         args.model,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "perturbation.json").write_text(json.dumps(result, indent=1))
-    md = table(result)
-    (args.out / "perturbation.md").write_text(md + "\n")
-    plot(result, args.out / "perturbation.png")
-    print(md)
-    print(f"wrote {args.out}/perturbation.{{json,md,png}}")
+    write_report(args.out, "perturbation", result, table(result), lambda path: plot(result, path))
 
 
 if __name__ == "__main__":

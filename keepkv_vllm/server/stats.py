@@ -26,11 +26,17 @@ def engine_core_stats(engine_core: Any) -> dict[str, Any]:
         "requests": {
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
-            "compressed_running": len(getattr(scheduler, "kv_offset", {})),
+            "compressed_running": _compressed(scheduler),
         },
         "window": _window_rows(scheduler),
         "step_costs": _step_costs(scheduler),
     }
+
+
+def _compressed(scheduler: Any) -> int:
+    """Unfinished requests compressed at least once (0 for a stock scheduler)."""
+    planner = getattr(scheduler, "planner", None)
+    return 0 if planner is None else planner.num_compressed
 
 
 def _step_costs(scheduler: Any) -> dict[str, Any]:
