@@ -119,6 +119,17 @@ def test_query_window_plan_records_the_newest_w_queries_oldest_first():
     assert got[0, :, 0].tolist() == [2, 3, 4, 5]
 
 
+def test_a_decode_step_whose_requests_all_hold_rows_records_every_query_without_a_gather():
+    window = QueryWindow(window=4, num_rows=2)
+    window.allocate([("layer", 2, 3)], torch.bfloat16, "cpu")
+    window.assign({"a": 1, "b": 0})
+    src, dst = window.plan(["a", "b"], np.array([1, 1]), np.array([7, 12]))
+    assert src.tolist() == [0, 1]  # every token, in order: the runner passes src=None
+    query = torch.tensor([5.0, 6.0]).view(2, 1, 1).expand(2, 2, 3)
+    window.record("layer", query, None, torch.from_numpy(dst))
+    assert window.queries("layer", "a", 8)[0, -1, 0] == 5 and window.queries("layer", "b", 13)[0, -1, 0] == 6
+
+
 @pytest.mark.parametrize("slot_major", [True, False], ids=["flash", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_votes_live_in_the_page_padding_apart_from_keys_and_values(slot_major, dtype):

@@ -52,19 +52,25 @@ import pstats
 import statistics
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from keepkv_vllm.bench.schedulers import (
+    NUM_OPENERS,
+    OPENER_TOKENS,
+    build_kv_cache_config,
+    build_vllm_config,
+    compression_settings,
+    make_requests,
+    make_scheduler,
+    prompt_lengths,
+    step,
+    window_memory_for,
+)
+
 #: the issue's bound on the compression decision, per scheduler step
 DECISION_BUDGET_MS = 1.0
-
-NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE = 30, 3, 64  # SmolLM2-135M
-SAMPLED_TOKEN = 42
-#: short requests run to their end before the workload: the output lengths KeepKV's admission
-#: expects running requests to reach (its horizon); see the module docstring
-NUM_OPENERS, OPENER_TOKENS = 16, 16
 
 RESULT_KEYS = (
     "num_requests",
@@ -106,141 +112,6 @@ RESULT_KEYS = (
     "decision_within_budget",
     "per_step",
 )
-
-
-# -- building real schedulers ---------------------------------------------------------------
-def _settings(watermark: float, window_memory: float, budget: float) -> dict[str, Any]:
-    return {
-        "method": "keepkv",
-        "budget": budget,
-        "trigger": "pressure",
-        # every compression memory asks for: steps here are not executed, so measured costs
-        # would mean nothing, and the per-step decisions must match the probed run's
-        "policy": "memory",
-        "watermark": watermark,
-        "window_memory": window_memory,
-    }
-
-
-def build_vllm_config(
-    num_requests: int,
-    max_num_batched_tokens: int,
-    settings: dict[str, Any],
-    block_size: int = 128,
-    max_model_len: int = 4096,
-) -> Any:
-    """A VllmConfig for the bundled model, as ``--kv-compression keepkv`` would give it."""
-    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
-
-    from keepkv_vllm.assets import model_dir
-    from keepkv_vllm.config import ADDITIONAL_CONFIG_KEY
-
-    model_config = ModelConfig(model=str(model_dir()), dtype="float32", max_model_len=max_model_len, seed=0)
-    scheduler_config = SchedulerConfig(
-        max_num_seqs=max(256, num_requests),
-        max_num_batched_tokens=max(max_num_batched_tokens, max_model_len),
-        max_model_len=max_model_len,
-        enable_chunked_prefill=True,
-        is_encoder_decoder=False,
-    )
-    cache_config = CacheConfig(block_size=block_size)  # prefix caching: vLLM's default (on)
-    return VllmConfig(
-        model_config=model_config,
-        scheduler_config=scheduler_config,
-        cache_config=cache_config,
-        additional_config={ADDITIONAL_CONFIG_KEY: settings},
-    )
-
-
-def build_kv_cache_config(vllm_config: Any, num_blocks: int) -> Any:
-    """One full-attention group over the model's 30 layers (vLLM's layer names), fp32 pages."""
-    import torch
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
-    spec = FullAttentionSpec(
-        block_size=vllm_config.cache_config.block_size,
-        num_kv_heads=NUM_KV_HEADS,
-        head_size=HEAD_SIZE,
-        dtype=torch.float32,
-    )
-    layers = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
-    return KVCacheConfig(
-        num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layers, spec)]
-    )
-
-
-def make_scheduler(cls: type, vllm_config: Any, num_blocks: int) -> Any:
-    """A scheduler as the engine core builds it (its structured-output manager, block sizes)."""
-    from vllm.v1.core.kv_cache_utils import resolve_kv_cache_block_sizes
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    kv_cache_config = build_kv_cache_config(vllm_config, num_blocks)
-    vllm_config.cache_config.num_gpu_blocks = num_blocks
-    block_size, hash_block_size = resolve_kv_cache_block_sizes(kv_cache_config, vllm_config)
-    return cls(
-        vllm_config=vllm_config,
-        kv_cache_config=kv_cache_config,
-        structured_output_manager=StructuredOutputManager(vllm_config),
-        block_size=block_size,
-        hash_block_size=hash_block_size,
-        log_stats=True,
-    )
-
-
-def prompt_lengths(num_requests: int, block_size: int, prompt_blocks: int = 1) -> list[int]:
-    """Request i fills ``prompt_blocks`` blocks and crosses into the next one on decode step
-    ((N - 1 - i) mod spread) + 1.
-
-    The last-admitted requests cross first: ties in KeepKV's ranking go to the running order,
-    so the requests it compresses are the ones that have just crossed, never future crossers.
-    """
-    spread = min(num_requests, block_size)
-    full = (prompt_blocks - 1) * block_size
-    return [full + block_size - (num_requests - 1 - i) % spread for i in range(num_requests)]
-
-
-def make_requests(
-    lengths: list[int], max_tokens: int, vllm_config: Any, seed: int = 0, prefix: str = "req"
-) -> list[Any]:
-    """Requests with distinct prompts (no prefix sharing), hashed for the prefix cache."""
-    from vllm.sampling_params import SamplingParams
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.request import Request
-
-    hash_fn = get_hash_fn_by_name(vllm_config.cache_config.prefix_caching_hash_algo)
-    init_none_hash(hash_fn)
-    hasher = get_request_block_hasher(vllm_config.cache_config.block_size, hash_fn)
-    vocab = vllm_config.model_config.get_vocab_size()
-    requests = []
-    offset = zlib.crc32(prefix.encode())  # no prefix shared between the sets either
-    for i, n in enumerate(lengths):
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        tokens = [(seed + 7919 * i + 31 * j + offset) % vocab for j in range(n)]
-        requests.append(
-            Request(
-                request_id=f"{prefix}-{i}",
-                prompt_token_ids=tokens,
-                sampling_params=params,
-                pooling_params=None,
-                block_hasher=hasher,
-            )
-        )
-    return requests
-
-
-def model_output(scheduler: Any, scheduler_output: Any) -> Any:
-    """What the model runner returns: one sampled token per request whose prefill is done."""
-    from vllm.v1.outputs import ModelRunnerOutput
-
-    req_ids = list(scheduler_output.num_scheduled_tokens)
-    sampled = []
-    for req_id in req_ids:
-        request = scheduler.requests[req_id]
-        sampled.append([SAMPLED_TOKEN] if request.num_computed_tokens >= request.num_tokens else [])
-    return ModelRunnerOutput(
-        req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled
-    )
 
 
 def _timed(fn: Any, probe: dict[str, float], key: str) -> Any:
@@ -358,17 +229,6 @@ def _logging(quiet: bool) -> Iterator[None]:
             logger.removeHandler(handler)
 
 
-def _step(scheduler: Any) -> tuple[float, Any]:
-    """One scheduler step; returns the seconds spent in the scheduler (not building the output)."""
-    start = time.perf_counter()
-    out = scheduler.schedule()
-    mid = time.perf_counter()
-    runner_output = model_output(scheduler, out)
-    resume = time.perf_counter()
-    scheduler.update_from_output(out, runner_output)
-    return (mid - start) + (time.perf_counter() - resume), out
-
-
 def _all_decoding(scheduler: Any, num_requests: int) -> bool:
     return (
         len(scheduler.running) == num_requests
@@ -384,13 +244,13 @@ def _reach_decode(scheduler: Any, requests: list[Any], warmup: int, openers: Seq
     for _ in range(64):
         if not scheduler.has_unfinished_requests():
             break
-        _step(scheduler)
+        step(scheduler)
     else:
         raise RuntimeError(f"{type(scheduler).__name__}: the openers did not finish")
     for request in requests:
         scheduler.add_request(request)
     for _ in range(8):
-        _step(scheduler)
+        step(scheduler)
         if _all_decoding(scheduler, len(requests)):
             break
     else:
@@ -400,7 +260,7 @@ def _reach_decode(scheduler: Any, requests: list[Any], warmup: int, openers: Seq
             f"decoding after the prefill ({deferred} admissions deferred): fewer steps, or more blocks"
         )
     for _ in range(warmup):
-        _step(scheduler)
+        step(scheduler)
 
 
 def drive(
@@ -429,7 +289,7 @@ def drive(
             before = dict(probe) if probe else None
             if profiler is not None:
                 profiler.enable()
-            seconds, out = _step(scheduler)
+            seconds, out = step(scheduler)
             if profiler is not None:
                 profiler.disable()
             scheduled = len(out.num_scheduled_tokens)
@@ -477,18 +337,6 @@ def _drive_probed(
         row["probe_bias_ms"] = 1e3 * bias * row["alloc_calls"]
         row["decision_ms"] = max(row["alloc_own_ms"] - row["probe_bias_ms"], 0.0) + row["schedule_own_ms"]
     return rows
-
-
-def window_memory_for(num_rows: int, vllm_config: Any, num_blocks: int) -> float:
-    """The smallest ``window_memory`` (to 1e-4) that gives ``num_rows`` query-window rows."""
-    from keepkv_vllm.config import ADDITIONAL_CONFIG_KEY, parse_config
-    from keepkv_vllm.engine.memory import WindowGeometry, pool_bytes
-
-    pool, _, layers = pool_bytes(build_kv_cache_config(vllm_config, num_blocks))
-    window = parse_config(vllm_config.additional_config[ADDITIONAL_CONFIG_KEY]).window
-    row = WindowGeometry.from_vllm(vllm_config, window, layers).row_bytes
-    share = num_rows * row / pool  # rows take window_memory of pool + rows: share / (1 + share)
-    return min(0.5, math.ceil(1e4 * share / (1 + share)) / 1e4 + 1e-4)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -623,11 +471,11 @@ def run(
     num_blocks = total + 1  # plus vLLM's null block
     low = watermark * total
 
-    settings = _settings(watermark, window_memory or 0.5, budget)
+    settings = compression_settings(watermark, window_memory or 0.5, budget)
     vllm_config = build_vllm_config(num_requests, sum(lengths), settings, block_size)
     if window_memory is None:
         window_memory = window_memory_for(num_requests, vllm_config, num_blocks)
-        settings = _settings(watermark, window_memory, budget)
+        settings = compression_settings(watermark, window_memory, budget)
         vllm_config.additional_config = {**vllm_config.additional_config, ADDITIONAL_CONFIG_KEY: settings}
     kv_cache_config = build_kv_cache_config(vllm_config, num_blocks)
     num_rows, _ = window_rows(parse_config(settings), vllm_config, kv_cache_config)

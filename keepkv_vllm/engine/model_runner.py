@@ -261,9 +261,11 @@ class CompressionRunnerMixin:
                     voted.append(VotedRequest(i, int(ends[i] - n_tok[i]), int(ends[i]), block_ids, seq_len))
         window = np.stack([src, dst]) if len(src) else np.zeros((2, 0), dtype=np.int64)
         window_src, window_dst = upload(window, self.device)
+        num_tokens = int(n_tok.sum())
         return StepPlan(
-            num_tokens=int(n_tok.sum()),
-            window_src=window_src,
+            num_tokens=num_tokens,
+            # every token kept, in order (a decode step whose requests all hold a row): no gather
+            window_src=None if len(src) == num_tokens else window_src,
             window_dst=window_dst,
             voted=voted,
             voted_decode=self._kvc_decode_batch(voted),

@@ -87,11 +87,15 @@ class QueryWindow:
         keep = (pos >= seq_end[req] - w) & (rows[req] >= 0)
         return np.flatnonzero(keep), rows[req][keep] * w + pos[keep] % w
 
-    def record(self, layer_name: str, query: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Store queries [num_tokens, H_q, d] of tokens ``src`` at ring positions ``dst``."""
-        if src.numel():
+    def record(
+        self, layer_name: str, query: torch.Tensor, src: torch.Tensor | None, dst: torch.Tensor
+    ) -> None:
+        """Store queries [num_tokens, H_q, d] of tokens ``src`` (None: every token, in order) at
+        ring positions ``dst``."""
+        if dst.numel():
             ring = self.rings[layer_name]
-            ring.index_copy_(0, dst, query.index_select(0, src).to(ring.dtype))
+            kept = query if src is None else query.index_select(0, src)
+            ring.index_copy_(0, dst, kept.to(ring.dtype))
 
     def queries(self, layer_name: str, req_id: str, num_computed_tokens: int) -> torch.Tensor:
         """The request's last W queries at this layer, oldest first: [H_q, W, d]."""
