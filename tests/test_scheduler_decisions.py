@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from keepkv_vllm.bench.schedulers import DECISION_WORKLOADS, decision_log  # noqa: E402
+from keepkv_vllm.bench.schedulers import DECISION_WORKLOADS, decision_log
 
 RECORDED = Path(__file__).with_name("scheduler_decisions.json")
 
