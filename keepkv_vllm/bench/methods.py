@@ -4,7 +4,7 @@
                                          --window 16 --budget 0.1 --repeats 5 --dtype float32]
 
 Prints a markdown table: median wall time per call and tokens compressed per second.
-Random keys with a shared direction (like real post-RoPE keys, so similarity merges happen).
+Random keys and values with a shared direction per head (like real post-RoPE keys), so merges happen.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ def make_layer(
     tokens: int, kv_heads: int, group: int, head_dim: int, window: int, dtype: torch.dtype, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    # a strong shared direction per head, as real post-RoPE keys have, so that some
-    # pairs pass the merge thresholds and the merge paths are timed too
+    # a strong shared direction per head, as real post-RoPE keys have, and in the values too,
+    # so that some pairs pass the merge thresholds (keys, and KeepKV's value gate) and the merge
+    # paths are timed too
     base = 2.0 * torch.randn(kv_heads, 1, head_dim, generator=g)
     keys = base + torch.randn(kv_heads, tokens, head_dim, generator=g)
-    values = torch.randn(kv_heads, tokens, head_dim, generator=g)
+    values = 2.0 * torch.randn(kv_heads, 1, head_dim, generator=g) + torch.randn(
+        kv_heads, tokens, head_dim, generator=g
+    )
     votes = torch.ones(kv_heads, tokens)
     queries = torch.randn(kv_heads * group, window, head_dim, generator=g)
     return keys.to(dtype), values.to(dtype), votes, queries.to(dtype)
