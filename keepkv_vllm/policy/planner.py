@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -166,8 +166,11 @@ class Planner:
         if not options.enabled:
             return None
         tokens = request.num_computed_tokens if num_tokens is None else num_tokens
-        budget = self.settings.budget if options.budget is None else options.budget
-        return target_slots(tokens, budget, self.settings.min_budget_tokens)
+        return target_slots(tokens, self.budget(options), self.settings.min_budget_tokens)
+
+    def budget(self, options: RequestOptions) -> float | int:
+        """The request's budget: its own, else the engine's."""
+        return self.settings.budget if options.budget is None else options.budget
 
     def could_compress(self, request: RequestNumbers) -> bool:
         """Whether the request could ever return a block by compressing (worth a window row)."""
@@ -206,7 +209,7 @@ class Planner:
 
     def admits(
         self,
-        running: Iterable[RequestNumbers],
+        running: Sequence[RequestNumbers],
         request: RequestNumbers,
         with_row: Collection[str],
         free_rows: int,
@@ -220,7 +223,6 @@ class Planner:
         them, which costs more than the compression gained. The expected length counts outputs
         up to ``max_tokens``, or to what finished requests produced when that is shorter.
         """
-        running = list(running)
         if not running:
             return True
         horizon = self.output_horizon()
@@ -285,9 +287,8 @@ class Planner:
         if held <= keep:
             return 0, math.inf  # the blocks kept only grow
         # the same until the target outgrows the kept blocks
-        budget = self.settings.budget if record.options.budget is None else record.options.budget
         limit = keep * self.block_size - step
-        last = tokens_within_target(limit, budget, self.settings.min_budget_tokens)
+        last = tokens_within_target(limit, self.budget(record.options), self.settings.min_budget_tokens)
         return held - keep, last + 1
 
     def blocks_kept(self, request_id: str, target: int) -> int:
