@@ -57,13 +57,31 @@ def vllm_executable() -> str:
 class ServerProcess:
     """``vllm serve MODEL ARGS`` on 127.0.0.1:<free port>; a context manager."""
 
-    def __init__(self, args: list[str], model: str | None = None, startup_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        model: str | None = None,
+        startup_timeout: float = 600.0,
+        dev_mode: bool = False,
+    ) -> None:
+        self.dev_mode = dev_mode  # vLLM's development endpoints (benchmarks: /reset_prefix_cache)
         self.port = free_port()
         self.model = model or str(model_dir())
         self.args = args
         self.startup_timeout = startup_timeout
         self.log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)
         self.proc: subprocess.Popen | None = None
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the server's prefix cache (``dev_mode`` servers, nothing running): a benchmark row
+        must not find the previous row's prompts cached."""
+        request = urllib.request.Request(f"{self.base_url}/reset_prefix_cache", data=b"", method="POST")
+        for _ in range(20):  # refused while the last requests still hold blocks: try again shortly
+            with urllib.request.urlopen(request, timeout=60) as r:
+                if json.loads(r.read()).get("success"):
+                    return
+            time.sleep(0.5)
+        raise RuntimeError("vllm serve did not reset its prefix cache (requests still running?)")
 
     @property
     def base_url(self) -> str:
@@ -86,6 +104,8 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO")}
         env.pop("TRITON_INTERPRET", None)  # the test suite's kernel switch is not for the engine
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

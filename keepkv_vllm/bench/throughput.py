@@ -344,6 +344,13 @@ def ceiling_blocks(lengths: list[int], running: int, block_size: int, pool: int 
     return max(sum(needs[: max(1, running)]) + 1, pool)
 
 
+def measure_cold(workload: object, server: ServerProcess, label: str, xargs: dict | None) -> dict:
+    """One measured row on an empty prefix cache: the warm-up and the rows before it on the same
+    server sent the same prompts, and cached prefixes would make the later rows' prefill free."""
+    server.reset_prefix_cache()
+    return workload.measure(server, label, xargs)
+
+
 def run_dtype(
     args: argparse.Namespace, model: str, workload: object, kv_dtype: str, window_memory: float
 ) -> list[dict]:
@@ -351,9 +358,9 @@ def run_dtype(
     per budget, the ceiling: stock on a pool that holds the concurrency the method reached."""
     suffix = "" if kv_dtype == "auto" else f" {kv_dtype}"
     rows = []
-    with ServerProcess(server_args(args, kv_dtype), model=model) as stock:
+    with ServerProcess(server_args(args, kv_dtype), model=model, dev_mode=True) as stock:
         workload.measure(stock, f"warm-up stock{suffix}", None, warm_up=True)
-        row = workload.measure(stock, f"stock{suffix}", None)
+        row = measure_cold(workload, stock, f"stock{suffix}", None)
         rows.append({"method": "stock", "budget": 1.0, "kv_cache_dtype": kv_dtype, **row})
     for method, policy in ((m, p) for m in args.methods for p in args.policies):
         settings = json.dumps(
@@ -366,10 +373,10 @@ def run_dtype(
         )
         extra = ["--kv-compression", method, "--kv-compression-config", settings]
         name = method if policy == "measured" else f"{method}/{policy}"  # the default keeps its name
-        with ServerProcess(server_args(args, kv_dtype) + extra, model=model) as server:
+        with ServerProcess(server_args(args, kv_dtype) + extra, model=model, dev_mode=True) as server:
             workload.measure(server, f"warm-up {name}{suffix}", None, warm_up=True)
             for budget in args.budgets:
-                row = workload.measure(server, f"{name}{suffix}@{budget:g}", {"kv_budget": budget})
+                row = measure_cold(workload, server, f"{name}{suffix}@{budget:g}", {"kv_budget": budget})
                 rows.append({"method": name, "budget": budget, "kv_cache_dtype": kv_dtype, **row})
     if args.ceiling:
         rows += run_ceilings(args, model, workload, kv_dtype, rows)
@@ -388,10 +395,10 @@ def run_ceilings(
         by_blocks.setdefault(blocks, []).append(r)
     out = []
     for blocks, compressed in sorted(by_blocks.items()):
-        with ServerProcess(server_args(args, kv_dtype, blocks), model=model) as server:
+        with ServerProcess(server_args(args, kv_dtype, blocks), model=model, dev_mode=True) as server:
             workload.measure(server, f"warm-up ceiling{suffix}", None, warm_up=True)
             label = f"ceiling{suffix} ({blocks} blocks)"
-            row = workload.measure(server, label, None)
+            row = measure_cold(workload, server, label, None)
         for r in compressed:
             out.append({"method": "ceiling", "budget": r["budget"], "kv_cache_dtype": kv_dtype, **row})
     return out
