@@ -162,6 +162,8 @@ def compile_variant(launch: Any, arch: int) -> tuple[Variant, Compiled]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from keepkv_vllm.kernels.triton_vote_attention import MAX_SHARED_MEMORY
+
     variant, (signature, constexprs, attrs) = specialize(launch)
     start = time.perf_counter()
     try:
@@ -182,7 +184,7 @@ def compile_variant(launch: Any, arch: int) -> tuple[Variant, Compiled]:
         local_bytes=usage.get("LOCAL", 0),
         shared_bytes=kernel.metadata.shared + usage.get("SHARED", 0),
         num_warps=kernel.metadata.num_warps,
-        fits=kernel.metadata.shared + usage.get("SHARED", 0) <= SHARED_LIMIT.get(arch, 232_448),
+        fits=kernel.metadata.shared + usage.get("SHARED", 0) <= SHARED_LIMIT.get(arch, MAX_SHARED_MEMORY),
         tf32=bool(re.search(r"mma[^\n]*tf32", kernel.asm["ptx"])),
         seconds=time.perf_counter() - start,
     )

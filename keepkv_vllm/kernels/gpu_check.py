@@ -369,8 +369,8 @@ def run_grid(grid: list[tuple], device: torch.device, max_model_len: int = 32768
     print("| dtype | KV | head size | block | q/kv heads | result | seconds |")
     print("|---|---|---:|---:|---:|---|---:|")
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    shared = device_shared_memory(device)
     for dtype, d, bs, hq, hkv, kv in grid:
-        shared = device_shared_memory(device)
         shape = ServedShape(
             dtype, d, bs, hq, hkv, kv, max_model_len=max_model_len, num_sms=sms, shared_memory=shared
         )
