@@ -118,7 +118,7 @@ def decoding(p: Planner, rid: str, computed: int, window_from: int = 0, extra=No
 
 
 def test_what_a_compression_would_return_and_why_not():
-    p = planner(budget=0.3)  # window 32 (the default), min 64 slots = 1 block kept at least
+    p = planner(budget=0.3)  # window 16 (the default), min 64 slots = 1 block kept at least
     held = lambda r: math.ceil(p.slots(r) / 128)
     r = decoding(p, "r", 1000)
     assert p.reclaimable(r, held(r)) == 8 - 3  # 300 slots keep 3 of its 8 blocks
@@ -126,10 +126,45 @@ def test_what_a_compression_would_return_and_why_not():
     prefill.num_computed_tokens = 500  # its prompt is 1,000: still in prefill
     assert p.reclaimable(prefill, 4) == 0
     assert p.reclaimable(decoding(p, "no row", 1000, window_from=None), 8) == 0
-    assert p.reclaimable(decoding(p, "new row", 1000, window_from=990), 8) == 0  # 10 of 32 queries
+    assert p.reclaimable(decoding(p, "new row", 1000, window_from=990), 8) == 0  # 10 of 16 queries
     assert p.reclaimable(decoding(p, "off", 1000, extra={"kv_compression": "off"}), 8) == 0
     assert p.reclaimable(decoding(p, "own budget", 1000, extra={"kv_budget": 900}), 8) == 8 - 8
     assert p.reclaimable(decoding(p, "tiny", 120), 1) == 0  # one block: the minimum
+
+
+def test_the_window_records_only_while_the_requests_would_not_all_fit_uncompressed():
+    """All-fit work pays no per-layer query copy; waiting requests and growth count."""
+    p = planner(blocks=150)
+    fit = [request(p, f"r{i}", 640, 384) for i in range(16)]  # 16 x 8 blocks = 128 <= 150
+    assert not p.window_needed(fit, [])
+    assert not p.window_needed(fit[:10], fit[10:])  # waiting ones count too
+    more = [request(p, f"w{i}", 640, 384) for i in range(3)]  # 19 x 8 = 152 > 150
+    assert p.window_needed(fit, more) and p.window_needed([*fit, *more], [])
+    # finished requests stopped at 15 tokens: one at 15 is expected to stop at 895 tokens (7
+    # blocks), but counts W = 16 more (8 blocks) unless it cannot reach them
+    p = planner(blocks=7)
+    for i in range(16):
+        p.track(f"done{i}", None)
+        p.forget(f"done{i}", finished_outputs=15)
+    assert p.window_needed([request(p, "r", 880, 200, generated=15)], [])
+    assert not p.window_needed([request(p, "r", 880, 16, generated=15)], [])  # it stops at 896
+    assert planner(blocks=150, trigger="always").window_needed([], [])
+
+
+def test_a_paused_window_makes_no_request_eligible_until_w_tokens_after_it_resumes():
+    p = planner(budget=0.3)
+    held = lambda r: math.ceil(p.slots(r) / 128)
+    r = decoding(p, "r", 1000)
+    assert p.reclaimable(r, held(r)) == 5
+    p.set_recording(False, [r])
+    assert p.reclaimable(r, held(r)) == 0
+    late = decoding(p, "late", 1000)  # a row assigned while paused holds nothing yet
+    assert p.reclaimable(late, held(late)) == 0
+    r.num_computed_tokens = late.num_computed_tokens = 1010
+    p.set_recording(True, [r, late])  # both rows fill from token 1010: W = 16 queries at 1026
+    for computed, reclaim in ((1025, 0), (1026, 9 - 3)):  # 1,026 tokens keep 308 slots: 3 blocks
+        r.num_computed_tokens = late.num_computed_tokens = computed
+        assert p.reclaimable(r, 9) == reclaim and p.reclaimable(late, 9) == reclaim, computed
 
 
 def test_a_compressed_request_returns_blocks_again_only_once_it_outgrew_its_target():

@@ -28,6 +28,7 @@ def summary(log: list[dict]) -> dict:
         "steps": len(log),
         "orders": sum(len(step["orders"]) for step in log),
         "preempted": sum(len(step["preempted"]) for step in log),
+        "window_paused": sum(not step["record"] for step in log),
         "counters": log[-1]["counters"],
     }
 
@@ -55,3 +56,6 @@ def test_the_workloads_exercise_what_they_are_for():
     assert all(r["orders"] > 0 for r in recorded.values())
     assert recorded["few-rows"]["preempted"] > 0 and recorded["few-rows"]["counters"]["window_rows_short"] > 0
     assert recorded["measured-learning"]["counters"]["preemptions_avoided"] > 0
+    # the window records only while the requests would not all fit uncompressed
+    assert recorded["fits-then-late"]["window_paused"] > 0
+    assert all(recorded[name]["window_paused"] == 0 for name in ("bench-256x1", "bench-64x8", "budget-0.1"))

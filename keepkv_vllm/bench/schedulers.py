@@ -192,6 +192,10 @@ DECISION_WORKLOADS: dict[str, dict[str, Any]] = {
     "measured-learning": dict(
         num_requests=64, prompt_blocks=2, budget=0.3, steps=30, policy="measured", late=20
     ),
+    # everything fits until late arrivals overflow the pool: the window is paused, then resumes
+    "fits-then-late": dict(
+        num_requests=16, prompt_blocks=2, budget=0.3, steps=150, max_tokens=100, late=40, spare_blocks=24
+    ),
 }
 
 
@@ -206,18 +210,20 @@ def decision_log(
     late: int = 0,
     block_size: int = 128,
     watermark: float = 0.05,
+    spare_blocks: int = 0,
 ) -> list[dict[str, Any]]:
     """KeepKVScheduler's decisions, step by step: what it scheduled, the orders and window rows
     it sent, whom vLLM preempted, the free blocks and the counters. ``rows`` window rows (default:
-    one per request); ``late`` short requests arrive one every third step."""
+    one per request); ``late`` short requests arrive one every third step; ``spare_blocks`` more
+    blocks than the prompts fill."""
     from keepkv_vllm.config import ADDITIONAL_CONFIG_KEY
-    from keepkv_vllm.engine.messages import ORDERS_ATTR, ROWS_ATTR
+    from keepkv_vllm.engine.messages import ORDERS_ATTR, RECORD_ATTR, ROWS_ATTR
     from keepkv_vllm.engine.scheduler import KeepKVScheduler
 
     lengths = prompt_lengths(num_requests, block_size, prompt_blocks)
     max_tokens = max_tokens or max(steps + 5, 2 * block_size)
     used = sum(math.ceil(n / block_size) for n in lengths)
-    num_blocks = math.ceil(used / (1.0 - watermark / 2)) + 1  # plus vLLM's null block
+    num_blocks = math.ceil(used / (1.0 - watermark / 2)) + 1 + spare_blocks  # plus vLLM's null block
     settings = {**compression_settings(watermark, 0.5, budget), "policy": policy}
     vllm_config = build_vllm_config(num_requests + late, sum(lengths), settings, block_size)
     settings["window_memory"] = window_memory_for(rows or num_requests, vllm_config, num_blocks)
@@ -245,6 +251,7 @@ def decision_log(
                 "scheduled": dict(sorted(out.num_scheduled_tokens.items())),
                 "orders": orders,
                 "rows": dict(sorted(getattr(out, ROWS_ATTR).items())),
+                "record": getattr(out, RECORD_ATTR),
                 "preempted": sorted(getattr(out, "preempted_req_ids", None) or []),
                 "free": scheduler.kv_cache_manager.block_pool.get_num_free_blocks(),
                 "counters": counters,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 ORDERS_ATTR = "kv_compression_orders"
 #: attribute of vLLM's SchedulerOutput carrying this step's new query-window row assignments
 ROWS_ATTR = "kv_compression_window_rows"
+#: attribute of vLLM's SchedulerOutput saying whether this step's queries enter the window rows
+RECORD_ATTR = "kv_compression_record_window"
 
 
 @dataclass(frozen=True)

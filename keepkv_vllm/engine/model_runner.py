@@ -26,7 +26,7 @@ from keepkv_vllm.engine import worker_state
 from keepkv_vllm.engine.compaction import compact_request
 from keepkv_vllm.engine.counters import RequestLedger, WorkerTotals
 from keepkv_vllm.engine.memory import SideMemory, WindowGeometry, pool_bytes, rows_to_reserve, window_rows
-from keepkv_vllm.engine.messages import ORDERS_ATTR, ROWS_ATTR, CompressionOrder
+from keepkv_vllm.engine.messages import ORDERS_ATTR, RECORD_ATTR, ROWS_ATTR, CompressionOrder
 from keepkv_vllm.engine.settings import config_from_vllm
 from keepkv_vllm.engine.window import QueryWindow
 from keepkv_vllm.engine.worker_state import StepPlan, VotedDecodeBatch, VotedRequest, WorkerCompressionState
@@ -180,6 +180,7 @@ class CompressionRunnerMixin:
         for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             state.reset(req_id)
         state.window.assign(getattr(scheduler_output, ROWS_ATTR, None) or {})
+        state.window.recording = getattr(scheduler_output, RECORD_ATTR, True)
 
     def _kvc_run_order(self, order: CompressionOrder) -> None:
         start = time.perf_counter()
@@ -248,7 +249,11 @@ class CompressionRunnerMixin:
         num_reqs = len(n_tok)
         req_ids = self.input_batch.req_ids[:num_reqs]
         computed = self.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
-        src, dst = state.window.plan(req_ids, n_tok, computed)
+        num_tokens = int(n_tok.sum())
+        if state.window.recording:
+            src, dst = state.window.plan(req_ids, n_tok, computed)
+        else:  # the scheduler paused the window: nothing to copy this step
+            src = dst = np.zeros(0, dtype=np.int64)
         offsets = np.array([state.kv_offset.get(r, 0) for r in req_ids], dtype=np.int64)
         voted: list[VotedRequest] = []
         if offsets.any():
@@ -259,9 +264,9 @@ class CompressionRunnerMixin:
                     block_ids = tuple(self.requests[req_id].block_ids[0])
                     seq_len = int(computed[i] + n_tok[i] - offsets[i])
                     voted.append(VotedRequest(i, int(ends[i] - n_tok[i]), int(ends[i]), block_ids, seq_len))
-        window = np.stack([src, dst]) if len(src) else np.zeros((2, 0), dtype=np.int64)
-        window_src, window_dst = upload(window, self.device)
-        num_tokens = int(n_tok.sum())
+        window_src = window_dst = None
+        if len(src):
+            window_src, window_dst = upload(np.stack([src, dst]), self.device)
         return StepPlan(
             num_tokens=num_tokens,
             # every token kept, in order (a decode step whose requests all hold a row): no gather

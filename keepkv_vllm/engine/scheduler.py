@@ -42,7 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from keepkv_vllm.engine.counters import RequestLedger
 from keepkv_vllm.engine.memory import pool_bytes, window_rows
-from keepkv_vllm.engine.messages import ORDERS_ATTR, ROWS_ATTR, CompressionOrder
+from keepkv_vllm.engine.messages import ORDERS_ATTR, RECORD_ATTR, ROWS_ATTR, CompressionOrder
 from keepkv_vllm.engine.settings import config_from_vllm
 from keepkv_vllm.engine.window import RowTable
 from keepkv_vllm.policy.costs import Compression, StepShape, Verdict
@@ -121,6 +121,8 @@ class KeepKVScheduler(Scheduler):
     def schedule(self, *args: object, **kwargs: object) -> SchedulerOutput:
         self._orders = {}
         self.planner.begin_step()
+        waiting = (*self.waiting, *getattr(self, "kv_holding_waiting", ()))
+        self.planner.set_recording(self.planner.window_needed(self.running, waiting), self.running)
         self._compress_proactively()
         output = super().schedule(*args, **kwargs)
         orders = [  # complete: each request's blocks now include this step's new ones
@@ -129,6 +131,7 @@ class KeepKVScheduler(Scheduler):
         ]
         setattr(output, ORDERS_ATTR, orders)
         setattr(output, ROWS_ATTR, self.window_rows.take_new())
+        setattr(output, RECORD_ATTR, self.planner.recording)
         self._timing = (output, self._shape(output, orders), time.perf_counter())
         return output
 

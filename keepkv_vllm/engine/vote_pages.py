@@ -34,5 +34,5 @@ def record_window(
 ) -> None:
     """Keep this step's newest queries of every compressible request (query [n, H_q, d])."""
     step = state.step_for(num_tokens)
-    if step is not None:
+    if step is not None and step.window_dst is not None:
         state.window.record(layer_name, query, step.window_src, step.window_dst)

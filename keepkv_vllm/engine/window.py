@@ -4,7 +4,9 @@ Compression scores slots with the attention of these queries (SnapKV's observati
 KeepKV's "current attention") and the ZIP merge keeps their output unchanged, so they are
 kept as queries, not as scores. Memory: one ring row per request, taken from a fixed set of
 rows that the scheduler hands out (``RowTable``) and the workers mirror (``QueryWindow``);
-a request without a row runs normally but is never compressed. No vLLM import.
+a request without a row runs normally but is never compressed. While every request fits the
+pool uncompressed the scheduler pauses recording (no copy per layer and step; nothing would be
+compressed) and rows fill anew once it resumes. No vLLM import.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class QueryWindow:
         self.num_rows = num_rows
         self.rings: dict[str, torch.Tensor] = {}
         self.row_of: dict[str, int] = {}
+        self.recording = True  # the scheduler pauses it while every request fits uncompressed
 
     def allocate(
         self, layers: list[tuple[str, int, int]], dtype: torch.dtype, device: torch.device | str

@@ -53,7 +53,7 @@ class StepPlan:
 
     num_tokens: int  # tokens in the step: a forward of another size is not this step's
     window_src: torch.Tensor | None  # token indices whose queries enter the window (None: all, in order)
-    window_dst: torch.Tensor  # their flat ring positions (row * W + position % W)
+    window_dst: torch.Tensor | None  # their flat ring positions (row * W + position % W); None: no query
     voted: list[VotedRequest] = field(default_factory=list)  # requests whose slots may carry votes
     voted_decode: VotedDecodeBatch | None = None  # the voted one-token rows, batched (CPU path)
 

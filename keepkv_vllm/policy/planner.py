@@ -69,7 +69,8 @@ class TrackedRequest:
 
     options: RequestOptions  # its own options (``vllm_xargs``), parsed once
     kv_offset: int = 0  # tokens removed from its cache: positions - slots (0: never compressed)
-    window_from: int | None = None  # first computed token its query-window row holds (None: no row)
+    window_from: int | None = None  # first computed token its query-window row holds (None: none)
+    has_row: bool = False  # it holds a query-window row (recorded into while the window records)
     memo: ReclaimMemo | None = None
 
 
@@ -98,6 +99,7 @@ class Planner:
         self.ordered: set[str] = set()  # this step: requests ordered compressed
         self.costs = costs if costs is not None else StepCosts()
         self.cost_policy = Policy(self.costs)
+        self.recording = True  # whether the workers record queries into the window rows
 
     # -- requests ------------------------------------------------------------------------------
     def track(self, request_id: str, extra_args: dict | None) -> TrackedRequest:
@@ -128,10 +130,51 @@ class Planner:
         self.step_tokens[request_id] = tokens
 
     def window_assigned(self, request_id: str, first_token: int) -> None:
-        """The request got a query-window row; it holds queries from ``first_token`` on."""
+        """The request got a query-window row; it holds queries from ``first_token`` on (once
+        the window records again, while it is paused)."""
         record = self.tracked[request_id]
-        record.window_from = first_token
+        record.has_row = True
+        record.window_from = first_token if self.recording else None
         record.memo = None  # it may be eligible from now on
+
+    # -- the query window ------------------------------------------------------------------------
+    def window_needed(self, running: Iterable[RequestNumbers], waiting: Iterable[RequestNumbers]) -> bool:
+        """Whether this step's queries must enter the window: unless compression is on every
+        request (``trigger: always``), only while the running and waiting requests, at their
+        expected length uncompressed, would not all fit in the pool.
+
+        Recording costs a copy per layer and step; when everything fits, no compression will
+        be asked for and it buys nothing. Each request's expected length counts at least W more
+        tokens: a window that starts recording now is full W steps later, and pressure must not
+        arrive before then."""
+        if self.settings.trigger == "always":
+            return True
+        horizon, w = self.output_horizon(), self.settings.window
+        demand = 0
+        for request in (*running, *waiting):
+            outputs = max(self.expected_outputs(request, horizon), request.num_output_tokens + w)
+            length = request.num_prompt_tokens + min(outputs, request.max_tokens)
+            demand += math.ceil(length / self.block_size)
+            if demand > self.total_blocks:
+                return True
+        return False
+
+    def set_recording(self, on: bool, running: Iterable[RequestNumbers]) -> None:
+        """Start or pause the window. A paused window holds no request's newest queries, so no
+        request is eligible; on resuming, each ``running`` request holding a row fills it anew
+        from its next token."""
+        if on == self.recording:
+            return
+        self.recording = on
+        if not on:
+            for record in self.tracked.values():
+                if record.window_from is not None:
+                    record.window_from, record.memo = None, None
+            return
+        for request in running:
+            record = self.tracked.get(request.request_id)
+            if record is not None and record.has_row:
+                record.window_from, record.memo = request.num_computed_tokens, None
 
     def compressed(self, request_id: str, kv_offset: int) -> bool:
         """The request was ordered compressed this step; True if for the first time."""
@@ -272,7 +315,7 @@ class Planner:
         if computed < request.num_prompt_tokens:
             return 0, request.num_prompt_tokens  # still in prefill: its queries are not all seen
         if record.window_from is None:
-            return 0, math.inf  # no window row (assigning one drops the memo)
+            return 0, math.inf  # no window row, or a paused window (assigning or resuming drops the memo)
         if computed - record.window_from < self.settings.window:
             return 0, record.window_from + self.settings.window  # fewer than W queries in its row
         if held <= self.min_blocks:
