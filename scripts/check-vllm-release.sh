@@ -7,10 +7,11 @@
 #
 # For each release: download its wheel without dependencies, unpack only its Python files (and
 # its METADATA) into .cache/vllm-release/VERSION, and with those first on PYTHONPATH run, each in
-# a fresh process, the contract tests (tests/test_vllm_contract.py, tests/test_gpu_contract.py)
-# and an import of every keepkv_vllm module. VLLM_TARGET_DEVICE=cpu: the unpacked METADATA names
-# the CUDA build ("0.33.0", no "+cpu"), so vLLM would find no platform on this GPU-less machine;
-# its missing _C extension only warns. KEEPKV_ALLOW_UNTESTED_VLLM is unset.
+# a fresh process, the contract tests (tests/test_vllm_contract.py, tests/test_gpu_contract.py,
+# tests/test_ray_contract.py) and an import of every keepkv_vllm module. VLLM_TARGET_DEVICE=cpu:
+# the unpacked METADATA names the CUDA build ("0.33.0", no "+cpu"), so vLLM would find no
+# platform on this GPU-less machine; its missing _C extension only warns.
+# KEEPKV_ALLOW_UNTESTED_VLLM is unset.
 #
 # A failure against a release inside the tested range fails CI. A newest release outside it that
 # fails is reported (which checks failed; the plugin refuses it at startup) without failing CI:
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 VENV=${KEEPKV_VENV:-.venv}
 PY="$VENV/bin/python"
 CACHE=${KEEPKV_VLLM_RELEASE_CACHE:-.cache/vllm-release}
-TESTS=(tests/test_vllm_contract.py tests/test_gpu_contract.py)
+TESTS=(tests/test_vllm_contract.py tests/test_gpu_contract.py tests/test_ray_contract.py)
 unset KEEPKV_ALLOW_UNTESTED_VLLM
 start=$SECONDS
 mkdir -p "$CACHE"
