@@ -3,6 +3,7 @@ every command line against vLLM's real `vllm serve` parser with the plugin loade
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
@@ -48,16 +49,23 @@ def exec_form(args: str) -> list[str]:
     return json.loads(args)
 
 
-def serve_settings(argv: list[str]) -> dict:
-    """Parse a `vllm serve` command line like the CLI does; return our validated settings."""
+def serve_args(argv: list[str], files: dict[str, Path] | None = None) -> tuple[argparse.Namespace, dict]:
+    """Parse a `vllm serve` command line like the CLI does: its arguments and our validated
+    settings. ``files`` maps paths inside the container (a mounted ConfigMap) to local files."""
     local = [str(ROOT / a[len(IMAGE_ROOT) :]) if a.startswith(IMAGE_ROOT) else a for a in argv]
     local = [str(ROOT / a) if a.startswith("configs/") else a for a in local]
+    local = [str((files or {}).get(a, a)) for a in local]
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
     args = parser.parse_args(local)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     settings = (engine_args.additional_config or {}).get("kv_compression")
     parse_config(settings)  # raises on anything invalid
-    return settings or {}
+    return args, settings or {}
+
+
+def serve_settings(argv: list[str]) -> dict:
+    """Our validated settings from a `vllm serve` command line."""
+    return serve_args(argv)[1]
 
 
 def test_hadolint_passes_on_both_dockerfiles():
@@ -191,6 +199,158 @@ def test_kubernetes_manifest():
     assert kinds["Service"]["spec"]["ports"][0]["targetPort"] in port_names
     assert kinds["Service"]["spec"]["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     assert serve_settings(container["args"])["method"] == "keepkv"
+
+
+def manifest(name: str) -> list[dict]:
+    """Every document of a Kubernetes manifest, each a named object."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d is not None]
+    assert docs and all({"apiVersion", "kind", "metadata"} <= set(d) and d["metadata"]["name"] for d in docs)
+    return docs
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOY.glob("kubernetes*.yaml")))
+def test_every_kubernetes_manifest_is_named_yaml(name):
+    manifest(name)
+
+
+def serve_line(script: str) -> list[str]:
+    """The `vllm serve` arguments of a container's bash script (continuation lines joined)."""
+    lines = [shlex.split(line, comments=True) for line in script.replace("\\\n", " ").splitlines()]
+    serve = [words for words in lines if "vllm" in words]
+    assert len(serve) == 1, f"one `vllm serve` line expected, got {serve}"
+    words = serve[0]
+    assert words[0] == "exec" and words[1:3] == ["vllm", "serve"]  # vLLM is the container's process
+    return words[3:]
+
+
+def kinds(docs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for doc in docs:
+        out.setdefault(doc["kind"], []).append(doc)
+    return out
+
+
+def selects(service: dict, labels: dict) -> bool:
+    return service["spec"]["selector"].items() <= labels.items()
+
+
+def test_lws_manifest_runs_tensor_parallel_across_nodes_on_ray():
+    by_kind = kinds(manifest("kubernetes-lws-tp.yaml"))
+    assert set(by_kind) == {"LeaderWorkerSet", "Service"}
+    (lws,), (service,) = by_kind["LeaderWorkerSet"], by_kind["Service"]
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    group = lws["spec"]["leaderWorkerTemplate"]
+    leader_pod, worker_pod = group["leaderTemplate"], group["workerTemplate"]
+    leader, worker = leader_pod["spec"]["containers"][0], worker_pod["spec"]["containers"][0]
+    gpu_image = kinds(manifest("kubernetes.yaml"))["Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    gpus = leader["resources"]["limits"]["nvidia.com/gpu"]
+    for pod, container in ((leader_pod, leader), (worker_pod, worker)):
+        assert container["image"] == gpu_image[0]["image"]  # the project's GPU image, as kubernetes.yaml
+        assert container["command"] == ["/bin/bash", "-c"]  # instead of the image's `vllm serve`
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    leader_script, worker_script = leader["args"][0], worker["args"][0]
+    assert "ray start --head --port=6379" in leader_script
+    assert 'ray start --address="${LWS_LEADER_ADDRESS}:6379" --block' in worker_script
+    args, settings = serve_args(serve_line(leader_script))
+    assert settings["method"] == "keepkv"
+    # tensor parallel over every GPU of the group, on Ray; no pipeline stages (the plugin refuses them)
+    assert args.tensor_parallel_size == group["size"] * gpus and args.pipeline_parallel_size == 1
+    assert args.distributed_executor_backend == "ray"
+    assert leader["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert selects(service, {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"], "role": "leader"})
+    assert not selects(service, {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"]})
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in leader["ports"]}
+
+
+#: the flags that give a data-parallel pod its role (everything else must match between pods)
+DP_ROLE_FLAGS = {
+    "--data-parallel-address": 1,
+    "--api-server-count": 1,
+    "--headless": 0,
+    "--data-parallel-start-rank": 1,
+}
+
+
+def without_role_flags(argv: list[str]) -> list[str]:
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg in DP_ROLE_FLAGS:
+            skip = DP_ROLE_FLAGS[arg]
+        else:
+            out.append(arg)
+    return out
+
+
+def test_dp_manifest_runs_data_parallel_across_nodes_with_one_compression_config(tmp_path):
+    by_kind = kinds(manifest("kubernetes-dp.yaml"))
+    assert {k: len(v) for k, v in by_kind.items()} == {
+        "ConfigMap": 1,
+        "Service": 2,
+        "StatefulSet": 1,
+        "Deployment": 1,
+    }
+    (config_map,) = by_kind["ConfigMap"]
+    head_pod = by_kind["StatefulSet"][0]["spec"]["template"]
+    secondary_pod = by_kind["Deployment"][0]["spec"]["template"]
+    pods = {"head": head_pod, "secondary": secondary_pod}
+    parsed, argvs = {}, {}
+    for role, pod in pods.items():
+        container = pod["spec"]["containers"][0]
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        # the ConfigMap's files where the pod mounts them
+        files = {}
+        for mount in container["volumeMounts"]:
+            source = volumes[mount["name"]].get("configMap")
+            if source:
+                assert source["name"] == config_map["metadata"]["name"]
+                for key, text in config_map["data"].items():
+                    (tmp_path / key).write_text(text)
+                    files[f"{mount['mountPath']}/{key}"] = tmp_path / key
+        assert files, f"the {role} pod mounts no compression config"
+        env = {e["name"]: e for e in container.get("env", [])}
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: f"<{m.group(1)}>", a) for a in container["args"]]
+        for name in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
+            assert name in env, f"$({name}) in the {role}'s args is not in its env"  # Kubernetes expands it
+        argvs[role] = container["args"]
+        parsed[role] = serve_args(argv, files)
+        assert (
+            container["image"] == "keepkv-vllm:gpu"
+            and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        )
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    (head, head_settings), (secondary, secondary_settings) = parsed["head"], parsed["secondary"]
+    # the same compression on both ranks: the same settings, flags and ConfigMap
+    assert head_settings == secondary_settings and head_settings["method"] == "keepkv"
+    assert head_settings["budget"] == yaml.safe_load(config_map["data"]["keepkv.yaml"])["budget"]
+    assert without_role_flags(argvs["head"]) == without_role_flags(argvs["secondary"])
+    for args in (head, secondary):
+        assert (args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_rpc_port) == (
+            2,
+            1,
+            13345,
+        )
+        assert args.tensor_parallel_size == args.pipeline_parallel_size == 1
+    # the head binds its own pod IP and serves HTTP from one API server; the secondary dials it
+    assert not head.headless and head.data_parallel_start_rank is None and head.api_server_count == 1
+    pod_ip = next(e for e in head_pod["spec"]["containers"][0]["env"] if e["name"] == "POD_IP")
+    assert (
+        head.data_parallel_address == "<POD_IP>"
+        and pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    )
+    assert secondary.headless and secondary.data_parallel_start_rank == 1
+    services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
+    dial = services[secondary.data_parallel_address]
+    assert dial["spec"]["clusterIP"] == "None" and dial["spec"]["publishNotReadyAddresses"] is True
+    http = next(s for s in services.values() if s is not dial)
+    head_labels, secondary_labels = head_pod["metadata"]["labels"], secondary_pod["metadata"]["labels"]
+    for service in (dial, http):
+        assert selects(service, head_labels) and not selects(service, secondary_labels)
+    head_container = head_pod["spec"]["containers"][0]
+    assert http["spec"]["ports"][0]["targetPort"] in {p["name"] for p in head_container["ports"]}
+    assert head_container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
