@@ -234,6 +234,12 @@ def selects(service: dict, labels: dict) -> bool:
     return service["spec"]["selector"].items() <= labels.items()
 
 
+def gpu_image() -> str:
+    """The image deploy/kubernetes.yaml serves: the project's GPU image."""
+    (deployment,) = kinds(manifest("kubernetes.yaml"))["Deployment"]
+    return deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
 def test_lws_manifest_runs_tensor_parallel_across_nodes_on_ray():
     by_kind = kinds(manifest("kubernetes-lws-tp.yaml"))
     assert set(by_kind) == {"LeaderWorkerSet", "Service"}
@@ -242,10 +248,9 @@ def test_lws_manifest_runs_tensor_parallel_across_nodes_on_ray():
     group = lws["spec"]["leaderWorkerTemplate"]
     leader_pod, worker_pod = group["leaderTemplate"], group["workerTemplate"]
     leader, worker = leader_pod["spec"]["containers"][0], worker_pod["spec"]["containers"][0]
-    gpu_image = kinds(manifest("kubernetes.yaml"))["Deployment"][0]["spec"]["template"]["spec"]["containers"]
     gpus = leader["resources"]["limits"]["nvidia.com/gpu"]
     for pod, container in ((leader_pod, leader), (worker_pod, worker)):
-        assert container["image"] == gpu_image[0]["image"]  # the project's GPU image, as kubernetes.yaml
+        assert container["image"] == gpu_image()
         assert container["command"] == ["/bin/bash", "-c"]  # instead of the image's `vllm serve`
         assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -258,12 +263,13 @@ def test_lws_manifest_runs_tensor_parallel_across_nodes_on_ray():
     assert args.tensor_parallel_size == group["size"] * gpus and args.pipeline_parallel_size == 1
     assert args.distributed_executor_backend == "ray"
     assert leader["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert selects(service, {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"], "role": "leader"})
-    assert not selects(service, {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"]})
+    name = lws["metadata"]["name"]
+    assert selects(service, {"leaderworkerset.sigs.k8s.io/name": name, "role": "leader"})
+    assert not selects(service, {"leaderworkerset.sigs.k8s.io/name": name})  # not the worker
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in leader["ports"]}
 
 
-#: the flags that give a data-parallel pod its role (everything else must match between pods)
+#: the flags that give a data-parallel pod its role, with their value counts (the rest must match)
 DP_ROLE_FLAGS = {
     "--data-parallel-address": 1,
     "--api-server-count": 1,
@@ -284,71 +290,58 @@ def without_role_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def dp_pod(pod: dict, config_map: dict, tmp_path: Path) -> tuple[dict, argparse.Namespace, dict]:
+    """A data-parallel pod's container and its `vllm serve` line parsed, with the ConfigMap's
+    files where the pod mounts them and ``$(VAR)`` (which Kubernetes expands) as ``<VAR>``."""
+    container = pod["spec"]["containers"][0]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    files = {}
+    for mount in container["volumeMounts"]:
+        source = volumes[mount["name"]].get("configMap")
+        if source:
+            assert source["name"] == config_map["metadata"]["name"]
+            for key, text in config_map["data"].items():
+                (tmp_path / key).write_text(text)
+                files[f"{mount['mountPath']}/{key}"] = tmp_path / key
+    assert files, "the pod mounts no compression config"
+    env = {e["name"] for e in container.get("env", [])}
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(container["args"]))) <= env
+    argv = [re.sub(r"\$\((\w+)\)", r"<\1>", a) for a in container["args"]]
+    assert container["image"] == gpu_image() and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    return (container, *serve_args(argv, files))
+
+
 def test_dp_manifest_runs_data_parallel_across_nodes_with_one_compression_config(tmp_path):
     by_kind = kinds(manifest("kubernetes-dp.yaml"))
-    assert {k: len(v) for k, v in by_kind.items()} == {
-        "ConfigMap": 1,
-        "Service": 2,
-        "StatefulSet": 1,
-        "Deployment": 1,
-    }
+    counts = {k: len(v) for k, v in by_kind.items()}
+    assert counts == {"ConfigMap": 1, "Service": 2, "StatefulSet": 1, "Deployment": 1}
     (config_map,) = by_kind["ConfigMap"]
     head_pod = by_kind["StatefulSet"][0]["spec"]["template"]
     secondary_pod = by_kind["Deployment"][0]["spec"]["template"]
-    pods = {"head": head_pod, "secondary": secondary_pod}
-    parsed, argvs = {}, {}
-    for role, pod in pods.items():
-        container = pod["spec"]["containers"][0]
-        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-        # the ConfigMap's files where the pod mounts them
-        files = {}
-        for mount in container["volumeMounts"]:
-            source = volumes[mount["name"]].get("configMap")
-            if source:
-                assert source["name"] == config_map["metadata"]["name"]
-                for key, text in config_map["data"].items():
-                    (tmp_path / key).write_text(text)
-                    files[f"{mount['mountPath']}/{key}"] = tmp_path / key
-        assert files, f"the {role} pod mounts no compression config"
-        env = {e["name"]: e for e in container.get("env", [])}
-        argv = [re.sub(r"\$\((\w+)\)", lambda m: f"<{m.group(1)}>", a) for a in container["args"]]
-        for name in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
-            assert name in env, f"$({name}) in the {role}'s args is not in its env"  # Kubernetes expands it
-        argvs[role] = container["args"]
-        parsed[role] = serve_args(argv, files)
-        assert (
-            container["image"] == "keepkv-vllm:gpu"
-            and container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        )
-        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    (head, head_settings), (secondary, secondary_settings) = parsed["head"], parsed["secondary"]
-    # the same compression on both ranks: the same settings, flags and ConfigMap
+    head_container, head, head_settings = dp_pod(head_pod, config_map, tmp_path)
+    secondary_container, secondary, secondary_settings = dp_pod(secondary_pod, config_map, tmp_path)
+    # the same compression on both ranks: the same settings, from the same flags and ConfigMap
     assert head_settings == secondary_settings and head_settings["method"] == "keepkv"
     assert head_settings["budget"] == yaml.safe_load(config_map["data"]["keepkv.yaml"])["budget"]
-    assert without_role_flags(argvs["head"]) == without_role_flags(argvs["secondary"])
+    assert without_role_flags(head_container["args"]) == without_role_flags(secondary_container["args"])
     for args in (head, secondary):
-        assert (args.data_parallel_size, args.data_parallel_size_local, args.data_parallel_rpc_port) == (
-            2,
-            1,
-            13345,
-        )
+        assert [args.data_parallel_size, args.data_parallel_size_local] == [2, 1]
+        assert args.data_parallel_rpc_port == 13345
         assert args.tensor_parallel_size == args.pipeline_parallel_size == 1
     # the head binds its own pod IP and serves HTTP from one API server; the secondary dials it
     assert not head.headless and head.data_parallel_start_rank is None and head.api_server_count == 1
-    pod_ip = next(e for e in head_pod["spec"]["containers"][0]["env"] if e["name"] == "POD_IP")
-    assert (
-        head.data_parallel_address == "<POD_IP>"
-        and pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-    )
+    assert head.data_parallel_address == "<POD_IP>"
+    pod_ip = next(e for e in head_container["env"] if e["name"] == "POD_IP")
+    assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert secondary.headless and secondary.data_parallel_start_rank == 1
     services = {s["metadata"]["name"]: s for s in by_kind["Service"]}
     dial = services[secondary.data_parallel_address]
     assert dial["spec"]["clusterIP"] == "None" and dial["spec"]["publishNotReadyAddresses"] is True
     http = next(s for s in services.values() if s is not dial)
-    head_labels, secondary_labels = head_pod["metadata"]["labels"], secondary_pod["metadata"]["labels"]
     for service in (dial, http):
-        assert selects(service, head_labels) and not selects(service, secondary_labels)
-    head_container = head_pod["spec"]["containers"][0]
+        assert selects(service, head_pod["metadata"]["labels"])
+        assert not selects(service, secondary_pod["metadata"]["labels"])
     assert http["spec"]["ports"][0]["targetPort"] in {p["name"] for p in head_container["ports"]}
     assert head_container["readinessProbe"]["httpGet"]["path"] == "/health"
 
