@@ -330,7 +330,7 @@ def test_dp_manifest_runs_data_parallel_across_nodes_with_one_compression_config
         assert args.data_parallel_rpc_port == 13345
         assert args.tensor_parallel_size == args.pipeline_parallel_size == 1
     # the head binds its own pod IP and serves HTTP from one API server; the secondary dials it
-    assert not head.headless and head.data_parallel_start_rank is None and head.api_server_count == 1
+    assert not head.headless and head.data_parallel_start_rank is None
     assert head.data_parallel_address == "<POD_IP>"
     pod_ip = next(e for e in head_container["env"] if e["name"] == "POD_IP")
     assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"

@@ -163,7 +163,7 @@ def test_counters_on_metrics_and_info_log(servers, runs):
     with urllib.request.urlopen(f"{keepkv.base_url}/metrics", timeout=30) as r:
         text = r.read().decode()
     for reason, n in declined.items():
-        assert f'keepkv_compressions_declined_total{{reason="{reason}"}} {float(n)}' in text
+        assert f'keepkv_compressions_declined_total{{engine="0",reason="{reason}"}} {float(n)}' in text
     log = Path(keepkv.log.name).read_text()
     assert "KV compression enabled: method=keepkv" in log
     assert "kv compression (keepkv): request" in log

@@ -102,11 +102,21 @@ class ServerProcess:
         ]
 
     def start(self) -> ServerProcess:
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO")}
-        env.pop("TRITON_INTERPRET", None)  # the test suite's kernel switch is not for the engine
+        """Launch and wait until the API server answers /health (every engine is up)."""
+        return self.launch().wait_healthy()
+
+    def launch(self, **env: str) -> ServerProcess:
+        """Start the process and return at once (a ``--headless`` data-parallel node serves no
+        HTTP: its head's /health says when it has joined); ``env`` adds to the environment."""
+        full = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "INFO"), **env}
+        full.pop("TRITON_INTERPRET", None)  # the test suite's kernel switch is not for the engine
         if self.dev_mode:
-            env["VLLM_SERVER_DEV_MODE"] = "1"
-        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            full["VLLM_SERVER_DEV_MODE"] = "1"
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=full)
+        return self
+
+    def wait_healthy(self) -> ServerProcess:
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from keepkv_vllm.server.request_guard import RequestOptionsGuard
-from keepkv_vllm.server.stats import fetch_stats
+from keepkv_vllm.server.stats import config_mismatch, fetch_stats
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -73,25 +73,35 @@ POLL_SECONDS = 1.0
 
 
 class _Mirror:
-    """Monotonic engine counters mirrored into this process's Prometheus registry."""
+    """Monotonic engine counters mirrored into this process's Prometheus registry, one series
+    per data-parallel engine (label ``engine``: its rank); a sum over the label is the total."""
 
-    def __init__(self) -> None:
-        from prometheus_client import Counter
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter
 
-        self.counters = {name: Counter(name, doc) for name, (_, _, doc) in METRICS.items()}
-        self.labelled = {name: Counter(name, doc, [label]) for name, (_, _, label, doc) in LABELLED.items()}
-        self.seen: dict[tuple[str, str], float] = {}
+        registry = registry or REGISTRY  # the API server's (what /metrics serves)
+        self.counters = {
+            name: Counter(name, doc, ["engine"], registry=registry) for name, (_, _, doc) in METRICS.items()
+        }
+        self.labelled = {
+            name: Counter(name, doc, [label, "engine"], registry=registry)
+            for name, (_, _, label, doc) in LABELLED.items()
+        }
+        self.seen: dict[tuple[str, ...], float] = {}
 
     def update(self, stats: dict[str, Any]) -> None:
-        for name, (section, key, _) in METRICS.items():
-            self._advance(self.counters[name], (name, ""), stats.get(section, {}).get(key, 0.0))
-        for name, (section, prefix, _, _) in LABELLED.items():
-            for key, value in stats.get(section, {}).items():
-                if key.startswith(prefix):
-                    value_label = key.removeprefix(prefix)
-                    self._advance(self.labelled[name].labels(value_label), (name, value_label), value)
+        for engine in stats.get("per_engine", []):
+            rank = str(engine["engine"])
+            for name, (section, key, _) in METRICS.items():
+                value = engine.get(section, {}).get(key, 0.0)
+                self._advance(self.counters[name].labels(rank), (name, rank), value)
+            for name, (section, prefix, _, _) in LABELLED.items():
+                for key, value in engine.get(section, {}).items():
+                    if key.startswith(prefix):
+                        label = key.removeprefix(prefix)
+                        self._advance(self.labelled[name].labels(label, rank), (name, label, rank), value)
 
-    def _advance(self, counter: Any, seen_key: tuple[str, str], value: float) -> None:
+    def _advance(self, counter: Any, seen_key: tuple[str, ...], value: float) -> None:
         value = float(value)
         if value > self.seen.get(seen_key, 0.0):
             counter.inc(value - self.seen.get(seen_key, 0.0))
@@ -123,7 +133,41 @@ class KVCompressionEndpoint:
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         state.kv_compression_client = engine_client
         if engine_client is not None:
-            state.kv_compression_poller = asyncio.get_running_loop().create_task(_poll(engine_client))
+            await check_engines(engine_client)
+            # with several API server processes vLLM sums each process's counters on /metrics:
+            # one of them mirrors the engines' counters, else they would count once per process
+            if getattr(engine_client.vllm_config.parallel_config, "_api_process_rank", 0) <= 0:
+                state.kv_compression_poller = asyncio.get_running_loop().create_task(_poll(engine_client))
+
+
+def expected_config(vllm_config: Any) -> dict[str, Any]:
+    """The compression settings this API server was started with, as every engine reports them."""
+    from keepkv_vllm.config import ADDITIONAL_CONFIG_KEY, parse_config
+
+    settings = (getattr(vllm_config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
+    return {"method": "none"} if settings is None else parse_config(settings).model_dump()
+
+
+async def check_engines(engine_client: Any) -> None:
+    """Refuse to serve (before the first request) unless every engine runs this API server's
+    compression settings: a data-parallel node started without the plugin, or with other
+    settings, fails here with one line instead of serving a share of the requests otherwise."""
+    core = engine_client.engine_core
+    try:
+        if hasattr(core, "call_utility_all_async"):
+            engines = list(await core.call_utility_all_async("kv_compression_stats"))
+        else:
+            engines = [await core.call_utility_async("kv_compression_stats")]
+    except Exception as e:  # an engine without the plugin has no such utility
+        raise RuntimeError(
+            "kv compression: an engine of this deployment runs without the keepkv plugin (install it "
+            f"on every node and start each with the same --kv-compression settings): {e}"
+        ) from None
+    problem = config_mismatch(expected_config(engine_client.vllm_config), engines)
+    if problem is not None:
+        raise RuntimeError(
+            f"kv compression: {problem}; start every node with the same --kv-compression settings"
+        )
 
 
 async def _poll(engine_client: Any) -> None:

@@ -93,7 +93,8 @@ def _add(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_engines(engines: list[dict[str, Any]]) -> dict[str, Any]:
-    """Data-parallel engine cores: counters, requests, blocks and window rows add up."""
+    """Data-parallel engine cores: counters, requests, blocks and window rows add up; each
+    engine's own figures stay in ``per_engine`` (in data-parallel rank order)."""
     stats = {k: dict(v) if isinstance(v, dict) else v for k, v in engines[0].items()}
     for engine in engines[1:]:
         for section in ("counters", "requests", "window"):
@@ -102,7 +103,29 @@ def merge_engines(engines: list[dict[str, Any]]) -> dict[str, Any]:
             stats["kv_cache"][key] += engine["kv_cache"][key]
     stats["engines"] = len(engines)
     stats["step_costs"] = [engine.get("step_costs", {}) for engine in engines]  # one per engine
+    stats["per_engine"] = [
+        {"engine": i, **{k: engine.get(k, {}) for k in ("counters", "kv_cache", "requests")}}
+        for i, engine in enumerate(engines)
+    ]
     return stats
+
+
+def config_mismatch(expected: dict[str, Any], engines: list[dict[str, Any]]) -> str | None:
+    """Why these engines must not serve behind this API server (None: they may): every
+    data-parallel engine must run the compression settings the API server was started with.
+
+    A node started without the plugin, or with other settings, would otherwise serve a share of
+    the requests uncompressed or differently, and the per-request options the API server checked
+    would mean something else there."""
+    for i, engine in enumerate(engines):
+        got = engine.get("config", {"method": "none"})
+        if got != expected:
+            differ = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
+            shown = ", ".join(f"{k}={got.get(k)!r} (expected {expected.get(k)!r})" for k in differ)
+            return (
+                f"data-parallel engine {i} runs other kv compression settings than this API server: {shown}"
+            )
+    return None
 
 
 def merge_ranks(ranks: list[dict[str, float]]) -> tuple[dict[str, float], bool]:
@@ -138,6 +161,7 @@ async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str
         for extra in per_call[1:]:
             for rank in extra[engine_index]:
                 _add(merged, rank)
+        stats["per_engine"][engine_index]["worker"] = dict(merged)
         _add(worker, {k: v for k, v in merged.items() if k not in PER_RANK or not worker})
         agree &= engine_agrees
         ranks.append(
