@@ -79,6 +79,9 @@ def test_request_ledger_sums_per_request_and_forgets_the_oldest():
     }
     ledger.add("c", compressions=1)
     assert set(ledger.get()) == {"b", "c"}
+    ledger.first("c", first_at_output=5, first_slots_after=300)
+    ledger.first("c", first_at_output=9, first_slots_after=200)  # later compressions keep the first
+    assert ledger.get(["c"]) == {"c": {"compressions": 1, "first_at_output": 5, "first_slots_after": 300}}
 
 
 def fp8_layer(fmt, seed=0):

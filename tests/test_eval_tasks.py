@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
+import re
 
 import pytest
 
@@ -136,6 +138,7 @@ def test_rows_without_compression_are_invalid_and_not_scored():
             "method_options in --kv-compression-config belong to one method",
         ),
         (["--methods", "snapkv", "--kv-compression-config", '{"method_options": {"pool": 9}}'], "pool"),
+        (["--mode", "pressure", "--tasks", "needle", "perplexity"], "perplexity needs --mode always"),
     ],
 )
 def test_bad_cli_input_is_one_line_before_any_engine_starts(argv, message, capsys):
@@ -215,3 +218,52 @@ def test_paired_comparison_counts_items_and_passages_exactly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "needle @0.1: 4 items, both 1, only first 2, only second 1" in out
     assert "perplexity @0.1: 3 passages, first - second +1.000 nats/token, t 1.73, first better on 0/3" in out
+
+
+@pytest.mark.parametrize("length", [2048, 4096])
+@pytest.mark.parametrize(
+    "haystack, kind", [("noise", "number"), ("essay", "number"), ("essay", "word"), ("essay", "uuid")]
+)
+def test_ruler_single_needles_have_the_exact_length_one_needle_and_its_value(builder, length, haystack, kind):
+    item = builder.niah(length, 7, haystack, kind)
+    text = builder.tokenizer.decode(item.prompt_ids)
+    assert item.task == "niah_single" and len(item.prompt_ids) == length
+    assert text.count("One of the special magic") == 1 and text.count(item.answers[0]) >= 1
+    assert ("The river runs to the sea." in text) == (haystack == "noise")
+    if kind == "uuid":
+        assert re.fullmatch(
+            r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", item.answers[0]
+        )
+    assert builder.niah(length, 7, haystack, kind).prompt_ids == item.prompt_ids  # seeded
+
+
+def test_ruler_multikey_hides_the_asked_needle_among_distractors_of_the_same_form(builder):
+    item = builder.niah(2048, 3, "noise", "number", keys=4)
+    text = builder.tokenizer.decode(item.prompt_ids)
+    keys = re.findall(r"One of the special magic numbers for (\w+) is: (\d{7})\.", text)
+    assert item.task == "niah_multikey" and len(keys) == 4 and len({k for k, _ in keys}) == 4
+    asked = re.search(r"Which special magic numbers for (\w+) does", text).group(1)
+    assert [v for k, v in keys if k == asked] == list(item.answers)
+
+
+def test_ruler_multivalue_asks_for_every_value_of_one_key(builder):
+    item = builder.niah(2048, 3, "noise", "number", values=4)
+    text = builder.tokenizer.decode(item.prompt_ids)
+    keys = re.findall(r"One of the special magic numbers for (\w+) is: (\d{7})\.", text)
+    assert item.task == "niah_multivalue" and len(item.answers) == 4
+    assert {k for k, _ in keys} == {keys[0][0]} and sorted(v for _, v in keys) == sorted(item.answers)
+    assert item.score(" ".join(item.answers[:2])) == 0.5  # every value counts
+
+
+def test_the_ruler_needle_grid_cycles_the_single_needle_variants():
+    from keepkv_vllm.eval.tasks import NIAH_SINGLE_VARIANTS
+
+    class Builder:
+        def niah(self, n, s, haystack, kind, keys=1, values=1):
+            return (n, s, haystack, kind, keys, values)
+
+    grid = dataclasses.replace(QUICK_GRID, ruler_lengths=(2048,), ruler_seeds=8)
+    single = grid.build(Builder(), ("niah_single",))
+    assert [(h, k) for _, _, h, k, _, _ in single] == list(NIAH_SINGLE_VARIANTS) * 2
+    assert all(x[4] == 4 for x in grid.build(Builder(), ("niah_multikey",)))
+    assert all(x[5] == 4 for x in grid.build(Builder(), ("niah_multivalue",)))

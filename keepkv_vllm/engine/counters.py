@@ -74,13 +74,23 @@ class RequestLedger:
         self._rows: OrderedDict[str, dict[str, int]] = OrderedDict()
 
     def add(self, req_id: str, **counts: int) -> None:
+        row = self._row(req_id)
+        for key, n in counts.items():
+            row[key] = row.get(key, 0) + n
+
+    def first(self, req_id: str, **values: int) -> None:
+        """Values kept from the first time they are given (e.g. when it was first compressed)."""
+        row = self._row(req_id)
+        for key, value in values.items():
+            row.setdefault(key, value)
+
+    def _row(self, req_id: str) -> dict[str, int]:
         row = self._rows.get(req_id)
         if row is None:
             row = self._rows[req_id] = {}
             if len(self._rows) > self.capacity:
                 self._rows.popitem(last=False)
-        for key, n in counts.items():
-            row[key] = row.get(key, 0) + n
+        return row
 
     def get(self, req_ids: list[str] | None = None) -> dict[str, dict[str, int]]:
         """Rows for these request ids (all rows when None); ids never compressed are absent."""

@@ -367,7 +367,7 @@ class KeepKVScheduler(Scheduler):
             return False  # the shared prefix leaves nothing worth compressing
         order = self._order(request, target, frozen_blocks)
         freed = self._release_tail(request.request_id, target, frozen_blocks)
-        self._record(order, freed, time.perf_counter() - start)
+        self._record(request, order, freed, time.perf_counter() - start)
         return True
 
     @staticmethod
@@ -410,7 +410,7 @@ class KeepKVScheduler(Scheduler):
             cached[req_id] = min(cached[req_id], frozen_blocks)
         return len(tail)
 
-    def _record(self, order: CompressionOrder, freed: int, seconds: float) -> None:
+    def _record(self, request: Request, order: CompressionOrder, freed: int, seconds: float) -> None:
         """The request's new offset, the order for this step, counters, ledger and log line."""
         req_id, removed = order.req_id, order.kv_len_before - order.kv_len_after
         first = self.planner.compressed(req_id, order.kv_offset)  # INFO for the first, DEBUG after
@@ -420,6 +420,14 @@ class KeepKVScheduler(Scheduler):
         c.slots_removed += removed
         c.blocks_freed += freed
         self.request_ledger.add(req_id, compressions=1, slots_removed=removed)
+        # when it was first compressed (output tokens computed by then) and to how many slots: an
+        # evaluation under pressure tells compressions in the question from those in the answer
+        self.request_ledger.first(
+            req_id,
+            first_at_output=max(order.num_computed_tokens - request.num_prompt_tokens, 0),
+            first_slots_before=order.kv_len_before,
+            first_slots_after=order.kv_len_after,
+        )
         if first:
             c.requests_compressed += 1
         c.compression_time_s += seconds

@@ -14,6 +14,10 @@ whose counters show no compression is reported as invalid and left out of the sc
     keepkv-eval                    # default grid, ~30 min on 2 cores
     keepkv-eval --quick            # CI grid, a few minutes
     keepkv-eval --methods keepkv h2o --budgets 0.2 --tasks needle
+
+``--mode pressure`` measures as a user's benchmark does instead: through the real HTTP server,
+on a pool too small for the items sent at once, compressed when the scheduler decides
+(eval/pressure.py). Every item counts there, compressed or not; the counters say which were.
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ from typing import Any
 
 from keepkv_vllm.config import METHOD_NAMES, ConfigError
 from keepkv_vllm.eval.intervals import perplexity_interval, wilson
-from keepkv_vllm.eval.tasks import DEFAULT_GRID, QUICK_GRID, TASKS, EvalItem, TaskBuilder
+from keepkv_vllm.eval.tasks import DEFAULT_GRID, DEFAULT_TASKS, QUICK_GRID, TASKS, EvalItem, TaskBuilder
 
 METHODS = METHOD_NAMES  # "none" (the full cache) first, then every registered method
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.5)
 QUICK_BUDGETS = (0.2,)  # CI's grid: one budget keeps it near 6 min on 2 fp32 cores
 #: SmolLM2-135M: 30 layers x 3 kv-heads x 64 x (k, v) x fp32
 DEFAULT_KV_CACHE_GIB = 4.0
+#: --mode pressure: 0.125 GiB of fp32 SmolLM2 KV holds 2,912 tokens, about one 2k-token item of 8
+PRESSURE_KV_CACHE_GIB = 0.125
 
 
 # -- engine side (runs in a child process per method) -----------------------------------------
@@ -156,15 +162,20 @@ def _result_row(output: Any, items: list[EvalItem]) -> dict[str, Any]:
 # -- scoring ------------------------------------------------------------------------------------
 
 
-def score_rows(items: list[EvalItem], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Attach score (or NLL) and validity to each request's row."""
+def score_rows(
+    items: list[EvalItem], rows: list[dict[str, Any]], every_item_counts: bool = False
+) -> list[dict[str, Any]]:
+    """Attach score (or NLL) and validity to each request's row. With ``trigger: always`` an
+    item the counters show uncompressed is invalid; under pressure (``every_item_counts``) every
+    item counts, compressed or not, as in a user's benchmark."""
     for row in rows:
         item = items[row["item"]]
         row["task"] = item.task
         row["name"] = item.name
         row["meta"] = item.meta
         compressed = row["counters"].get("slots_removed", 0) > 0
-        row["valid"] = row["method"] == "none" or compressed
+        row["compressed"] = compressed
+        row["valid"] = row["method"] == "none" or compressed or every_item_counts
         if item.task == "perplexity":
             row["nll"] = -sum(row["logprobs"]) if row.get("forced_ok") else None
             row["valid"] = row["valid"] and row.get("forced_ok", False)
@@ -195,6 +206,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             line["score_sum"] = sum(r["score"] for r in valid)
         merged = [r["counters"].get("entries_merged", 0) for r in valid]
         removed = [r["counters"].get("slots_removed", 0) for r in valid]
+        line["compressed"] = sum(1 for r in valid if r.get("compressed"))
         line["mean_slots_removed"] = sum(removed) / len(valid) if valid else 0
         line["mean_entries_merged"] = sum(merged) / len(valid) if valid else 0
         table.append(line)
@@ -236,8 +248,9 @@ def _cell(line: dict[str, Any], task: str) -> str:
     return f"{text} ({line['score_sum']:g}/{line['valid']}; {low}–{high})"
 
 
-def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
-    """Rows: task x method; columns: full cache, then each budget. Best compressed cell bold."""
+def markdown(table: list[dict[str, Any]], budgets: list[float], pressure: bool = False) -> str:
+    """Rows: task x method; columns: full cache, then each budget. Best compressed cell bold;
+    under ``pressure`` each cell also says how many of its items were compressed."""
     tasks = [t for t in TASKS if any(line["task"] == t for line in table)]
     cell = {(line["method"], line["budget"], line["task"]): line for line in table}
     head = "| task | method | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"
@@ -268,6 +281,8 @@ def markdown(table: list[dict[str, Any]], budgets: list[float]) -> str:
                     text = f"**{text}**"
                 if line["valid"] < line["total"]:
                     text += f" ({line['valid']}/{line['total']} valid)"
+                elif pressure:
+                    text += f" [{line['compressed']} compressed]"
                 cells.append(text)
             if cells:
                 out.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
@@ -417,7 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number_in(0.0, 1.0, "a budget is a fraction", low_open=True),
         help=f"default {DEFAULT_BUDGETS} ({QUICK_BUDGETS} with --quick)",
     )
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=TASKS)
+    p.add_argument(
+        "--mode",
+        choices=["always", "pressure"],
+        default="always",
+        help="always: an offline engine compresses every request from its first decode step; "
+        "pressure: real servers on a small pool, compressed when the scheduler decides",
+    )
+    p.add_argument("--concurrency", type=int, default=8, help="--mode pressure: items sent at once")
     p.add_argument("--quick", action="store_true", help="small grid for CI (a few minutes)")
     p.add_argument("--lengths", nargs="+", type=int, help="context lengths of the needle and RULER tasks")
     p.add_argument(
@@ -433,7 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         "~70x slower); every method (and the full cache) is scored under the same dtype",
     )
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--kv-cache-gib", type=float, default=DEFAULT_KV_CACHE_GIB)
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help=f"KV pool (default {DEFAULT_KV_CACHE_GIB}; --mode pressure: {PRESSURE_KV_CACHE_GIB}, too "
+        "small for the items sent at once)",
+    )
     p.add_argument(
         "--kv-cache-dtype",
         default="auto",
@@ -508,6 +536,11 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
 
     if args.budgets is None:
         args.budgets = list(QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    pressure = args.mode == "pressure"
+    if args.kv_cache_gib is None:
+        args.kv_cache_gib = PRESSURE_KV_CACHE_GIB if pressure else DEFAULT_KV_CACHE_GIB
+    if pressure and "perplexity" in args.tasks:
+        raise ConfigError("--mode pressure scores generated answers: perplexity needs --mode always")
     extra_config = load_config_arg(args.kv_compression_config)
     engine_method = _engine_method(args.methods, extra_config)
     parse_config({"method": engine_method, "budget": 0.3, **extra_config})  # fail fast on bad keys
@@ -536,11 +569,19 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
     }
     start = time.perf_counter()
     with tqdm(total=total, desc="keepkv-eval", unit="req") as bar:
-        rows = _run_child(spec, args.out, bar)
-    rows = score_rows(items, rows)
+        if pressure:
+            from keepkv_vllm.eval import pressure as pressure_mode
+
+            rows = pressure_mode.run(args, items, bar)
+        else:
+            rows = _run_child(spec, args.out, bar)
+    rows = score_rows(items, rows, every_item_counts=pressure)
     table = aggregate(rows)
     result = {
         "command": "keepkv-eval " + " ".join(sys.argv[1:] if argv is None else argv),
+        "mode": args.mode,
+        "kv_cache_gib": args.kv_cache_gib,
+        "concurrency": args.concurrency if pressure else None,
         "model": model,
         "grid": asdict(grid),
         "budgets": args.budgets,
@@ -549,7 +590,7 @@ def evaluate(args: argparse.Namespace, argv: list[str] | None = None) -> dict[st
         "requests": [{k: v for k, v in r.items() if k != "logprobs"} for r in rows],
     }
     (args.out / "eval.json").write_text(json.dumps(result, indent=1))
-    md = markdown(table, args.budgets)
+    md = markdown(table, args.budgets, pressure)
     (args.out / "eval.md").write_text(f"`{result['command']}` ({result['wall_s']} s)\n\n{md}")
     written = plots(rows, table, args.budgets, args.out)
     print(md)

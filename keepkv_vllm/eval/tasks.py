@@ -11,6 +11,12 @@ Every task item is a prompt of token ids plus what a right answer contains:
   often and the rest rarely; the answer names the ten frequent ones.
 - ``perplexity``: a King James Bible passage as context and the next verses as the scored
   continuation (teacher-forced through the engine; see ``forced.py``).
+- ``niah_single``, ``niah_multikey``, ``niah_multivalue``: RULER's needle-in-a-haystack shapes.
+  A needle is a line "One of the special magic <kind> for <key> is: <value>." in a haystack of
+  one repeated block of plain sentences (``noise``) or of the essays (``essay``); values are
+  7-digit numbers, words or UUIDs. Single: one needle. Multi-key: the asked needle among
+  needles of other keys (distractors of the same form). Multi-value: several values for the
+  asked key, every one of them is the answer.
 
 Prompts are assembled from token ids (chat template + filler + inserts + question), so the
 needle-style tasks have exactly the requested length. RULER-style answers are primed with an
@@ -23,13 +29,32 @@ import importlib.resources
 import json
 import random
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from keepkv_vllm.eval.needle import NeedleFactory
 
-TASKS = ("needle", "multikey", "vartrack", "cwe", "perplexity")
+TASKS = (
+    "needle",
+    "multikey",
+    "vartrack",
+    "cwe",
+    "perplexity",
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+)
+#: what keepkv-eval runs unless told otherwise (the RULER needle shapes are asked for by name)
+DEFAULT_TASKS = TASKS[:5]
+#: the repeated block of the ``noise`` haystack: plain sentences that hold nothing to remember
+NOISE_BLOCK = (
+    "The river runs to the sea. The hills are quiet today. The road is long and dry. Here we are again. "
+)
+NIAH_KINDS = {"number": "numbers", "word": "words", "uuid": "UUIDs"}
+#: RULER's single-needle variants: (haystack, value)
+NIAH_SINGLE_VARIANTS = (("noise", "number"), ("essay", "number"), ("essay", "word"), ("essay", "uuid"))
 
 
 @dataclass(frozen=True)
@@ -95,16 +120,19 @@ class TaskBuilder:
         question: str,
         answer_prefix: str,
         rng: random.Random,
+        filler: list[int] | None = None,
     ) -> list[int]:
-        """Exactly ``length`` ids: template, essay filler with ``inserts`` at their depths, question."""
+        """Exactly ``length`` ids: template, filler (default: the essays) with ``inserts`` at their
+        depths, question."""
         before, after = self._template()
         tail = self._ids(f"\n\n{question}") + after + (self._ids(answer_prefix) if answer_prefix else [])
         pieces = [(depth, self._ids(f" {text} ")) for depth, text in sorted(inserts)]
         body_len = length - len(before) - len(tail) - sum(len(p) for _, p in pieces)
         if body_len < 1:
             raise ValueError(f"length {length} is too short for this item's inserts and question")
-        start = rng.randrange(0, len(self.filler) - body_len)
-        body = self.filler[start : start + body_len]
+        filler = self.filler if filler is None else filler
+        start = rng.randrange(0, len(filler) - body_len)
+        body = filler[start : start + body_len]
         out, cursor = list(before), 0
         for depth, piece in pieces:
             cut = int(body_len * depth)
@@ -145,6 +173,52 @@ class TaskBuilder:
             answers=(values[target],),
             meta={"length": length, "seed": seed, "depth": depths[target]},
         )
+
+    def niah(
+        self,
+        length: int,
+        seed: int,
+        haystack: str = "noise",
+        kind: str = "number",
+        keys: int = 1,
+        values: int = 1,
+    ) -> EvalItem:
+        """RULER's needle shapes: ``keys`` needles of distinct keys (one asked, the others
+        distractors), the asked key holding ``values`` values (all of them the answer)."""
+        if haystack not in ("noise", "essay") or kind not in NIAH_KINDS:
+            raise ValueError(f"haystack noise|essay and kind {'|'.join(NIAH_KINDS)}, got {haystack}, {kind}")
+        task = "niah_multivalue" if values > 1 else "niah_multikey" if keys > 1 else "niah_single"
+        rng = random.Random(f"{task}/{haystack}/{kind}/{length}/{seed}")
+        words = self._words_()
+        names = rng.sample(words, keys)
+        value = {
+            "number": lambda: str(rng.randrange(1_000_000, 10_000_000)),
+            "word": lambda: rng.choice(words),
+            "uuid": lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+        }[kind]
+        asked = [value() for _ in range(values)]
+        lines = [(name, v) for name in names[1:] for v in [value()]] + [(names[0], v) for v in asked]
+        noun = NIAH_KINDS[kind]
+        line = "One of the special magic {} for {} is: {}."
+        inserts = [(rng.uniform(0.05, 0.95), line.format(noun, k, v)) for k, v in lines]
+        question = f"Which special magic {noun} for {names[0]} does the text above mention? List them all."
+        intro = f"Special magic {noun} are hidden in the text below; remember them, a question follows."
+        filler = self._noise_ids() if haystack == "noise" else None
+        ids = self._haystack_prompt(length, [(0.0, intro), *inserts], question, "", rng, filler)
+        return EvalItem(
+            task,
+            f"{task}/{haystack}-{kind}/L{length}/s{seed}",
+            ids,
+            max_tokens=32 + 16 * values if kind == "uuid" else 16 * values + 16,
+            answers=tuple(asked),
+            meta={"length": length, "seed": seed, "haystack": haystack, "kind": kind, "keys": keys},
+        )
+
+    def _noise_ids(self) -> list[int]:
+        if not hasattr(self, "_noise"):
+            block = self._ids(NOISE_BLOCK)
+            self._noise = block * (len(self.filler) // len(block) + 1)
+        return self._noise
 
     def vartrack(self, length: int, seed: int, hops: int = 4) -> EvalItem:
         rng = random.Random(f"vartrack/{seed}")
@@ -263,6 +337,22 @@ class GridSpec:
             "cwe": lambda: [builder.cwe(n, s) for n in self.ruler_lengths for s in range(self.ruler_seeds)],
             "perplexity": lambda: [
                 builder.perplexity(self.ppl_context, self.ppl_scored, s) for s in range(self.ppl_seeds)
+            ],
+            # seed s takes the (haystack, value) variant s mod 4: 24 seeds give 6 items of each
+            "niah_single": lambda: [
+                builder.niah(n, s, *NIAH_SINGLE_VARIANTS[s % len(NIAH_SINGLE_VARIANTS)])
+                for n in self.ruler_lengths
+                for s in range(self.ruler_seeds)
+            ],
+            "niah_multikey": lambda: [
+                builder.niah(n, s, "noise", "number", keys=4)
+                for n in self.ruler_lengths
+                for s in range(self.ruler_seeds)
+            ],
+            "niah_multivalue": lambda: [
+                builder.niah(n, s, "noise", "number", values=4)
+                for n in self.ruler_lengths
+                for s in range(self.ruler_seeds)
             ],
         }
         unknown = set(tasks) - set(makers)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from keepkv_vllm.server.request_guard import RequestOptionsGuard
-from keepkv_vllm.server.stats import config_mismatch, fetch_stats
+from keepkv_vllm.server.stats import config_mismatch, fetch_request_stats, fetch_stats
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -125,6 +125,17 @@ class KVCompressionEndpoint:
                 return JSONResponse({"enabled": False, "config": {"method": "none"}})
             check_votes = request.query_params.get("check_votes", "0").lower() in ("1", "true")
             return JSONResponse(await fetch_stats(client, check_votes=check_votes))
+
+        @router.get("/v1/kv_compression/requests")
+        async def kv_compression_requests(request: Request) -> JSONResponse:
+            """Per-request counters (compressions, slots removed, when it was first compressed and
+            to how many slots, entries merged), by vLLM's internal request id; ``?prefix=`` an
+            OpenAI response's ``id`` selects that response's requests."""
+            client = getattr(request.app.state, "kv_compression_client", None)
+            if client is None:
+                return JSONResponse({})
+            prefix = request.query_params.get("prefix", "")
+            return JSONResponse(await fetch_request_stats(client, prefix))
 
         app.include_router(router)
         # per-request kv options, checked on the JSON the client sent (request_guard.py)

@@ -138,6 +138,20 @@ def merge_ranks(ranks: list[dict[str, float]]) -> tuple[dict[str, float], bool]:
     return merged, agree
 
 
+async def fetch_request_stats(engine_client: Any, prefix: str = "") -> dict[str, dict[str, int]]:
+    """Per-request counters of every engine (``engine_core_request_stats``), for the requests
+    whose internal id starts with ``prefix`` (an OpenAI response's ``id`` is the prefix of its
+    requests' internal ids). Engines without compression answer nothing."""
+    rows: dict[str, dict[str, int]] = {}
+    try:
+        engines = await _each_engine(engine_client.engine_core, "kv_compression_request_stats", None)
+    except Exception:  # stock vLLM: no such utility call
+        return rows
+    for engine_rows in engines:
+        rows.update({k: v for k, v in (engine_rows or {}).items() if k.startswith(prefix)})
+    return rows
+
+
 async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str, Any]:
     """Scheduler counters (every engine core, summed) plus compaction counters (every worker).
 
