@@ -28,7 +28,7 @@ def server_flags(
     """``vllm serve`` flags of one (method, budget) server: the same pool for every one."""
     from keepkv_vllm.bench.server import smollm2_flags
 
-    flags = smollm2_flags(args.max_model_len, kv_bytes, dtype=args.dtype, eager=EAGER)
+    flags = smollm2_flags(args.server_max_len, kv_bytes, dtype=args.dtype, eager=EAGER)
     flags += ["--max-num-seqs", str(args.concurrency), "--kv-cache-dtype", args.kv_cache_dtype]
     flags += ["--no-enable-prefix-caching"]  # an item must not find another's prefix cached
     if method != "none":
@@ -86,6 +86,8 @@ def run(args: Any, items: list[EvalItem], progress: Any = None) -> list[dict[str
     from keepkv_vllm.bench.throughput import window_memory_for
 
     args.model = args.model or str(model_dir())
+    # the longest item, to the block: vLLM refuses a max length its (small) pool cannot hold
+    args.server_max_len = -(-max(len(i.prompt_ids) + i.max_tokens for i in items) // 128) * 128
     kv_bytes = int(args.kv_cache_gib * 2**30)
     window_memory = window_memory_for(args.concurrency, args.model, args.dtype, kv_bytes)
     rows: list[dict[str, Any]] = []
