@@ -29,6 +29,7 @@ Scheduler-side bookkeeping of a compression, all immediate:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
@@ -121,8 +122,12 @@ class KeepKVScheduler(Scheduler):
     def schedule(self, *args: object, **kwargs: object) -> SchedulerOutput:
         self._orders = {}
         self.planner.begin_step()
-        waiting = (*self.waiting, *getattr(self, "kv_holding_waiting", ()))
-        self.planner.set_recording(self.planner.window_needed(self.running, waiting), self.running)
+        waiting = itertools.chain(self.waiting, getattr(self, "kv_holding_waiting", ()))
+        rows = self.window_rows.row_of
+        self.planner.set_recording(
+            self.planner.window_needed(self.running, waiting),
+            (r for r in self.running if r.request_id in rows),
+        )
         self._compress_proactively()
         output = super().schedule(*args, **kwargs)
         orders = [  # complete: each request's blocks now include this step's new ones

@@ -14,6 +14,7 @@ below ``min_budget_tokens``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
@@ -70,7 +71,6 @@ class TrackedRequest:
     options: RequestOptions  # its own options (``vllm_xargs``), parsed once
     kv_offset: int = 0  # tokens removed from its cache: positions - slots (0: never compressed)
     window_from: int | None = None  # first computed token its query-window row holds (None: none)
-    has_row: bool = False  # it holds a query-window row (recorded into while the window records)
     memo: ReclaimMemo | None = None
 
 
@@ -133,7 +133,6 @@ class Planner:
         """The request got a query-window row; it holds queries from ``first_token`` on (once
         the window records again, while it is paused)."""
         record = self.tracked[request_id]
-        record.has_row = True
         record.window_from = first_token if self.recording else None
         record.memo = None  # it may be eligible from now on
 
@@ -151,7 +150,7 @@ class Planner:
             return True
         horizon, w = self.output_horizon(), self.settings.window
         demand = 0
-        for request in (*running, *waiting):
+        for request in itertools.chain(running, waiting):  # no copy of a long queue: stops at overflow
             outputs = max(self.expected_outputs(request, horizon), request.num_output_tokens + w)
             length = request.num_prompt_tokens + min(outputs, request.max_tokens)
             demand += math.ceil(length / self.block_size)
@@ -159,10 +158,10 @@ class Planner:
                 return True
         return False
 
-    def set_recording(self, on: bool, running: Iterable[RequestNumbers]) -> None:
+    def set_recording(self, on: bool, with_row: Iterable[RequestNumbers]) -> None:
         """Start or pause the window. A paused window holds no request's newest queries, so no
-        request is eligible; on resuming, each ``running`` request holding a row fills it anew
-        from its next token."""
+        request is eligible; on resuming, each running request ``with_row`` (a window row) fills
+        it anew from its next token."""
         if on == self.recording:
             return
         self.recording = on
@@ -171,9 +170,9 @@ class Planner:
                 if record.window_from is not None:
                     record.window_from, record.memo = None, None
             return
-        for request in running:
+        for request in with_row:
             record = self.tracked.get(request.request_id)
-            if record is not None and record.has_row:
+            if record is not None:
                 record.window_from, record.memo = request.num_computed_tokens, None
 
     def compressed(self, request_id: str, kv_offset: int) -> bool:

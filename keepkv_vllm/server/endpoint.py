@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from keepkv_vllm.server.request_guard import RequestOptionsGuard
-from keepkv_vllm.server.stats import config_mismatch, fetch_request_stats, fetch_stats
+from keepkv_vllm.server.stats import config_mismatch, each_engine, fetch_request_stats, fetch_stats
 
 logger = logging.getLogger("vllm.keepkv")
 
@@ -163,12 +163,8 @@ async def check_engines(engine_client: Any) -> None:
     """Refuse to serve (before the first request) unless every engine runs this API server's
     compression settings: a data-parallel node started without the plugin, or with other
     settings, fails here with one line instead of serving a share of the requests otherwise."""
-    core = engine_client.engine_core
     try:
-        if hasattr(core, "call_utility_all_async"):
-            engines = list(await core.call_utility_all_async("kv_compression_stats"))
-        else:
-            engines = [await core.call_utility_async("kv_compression_stats")]
+        engines = await each_engine(engine_client.engine_core, "kv_compression_stats")
     except Exception as e:  # an engine without the plugin has no such utility
         raise RuntimeError(
             "kv compression: an engine of this deployment runs without the keepkv plugin (install it "

@@ -78,7 +78,7 @@ def engine_core_request_stats(
 PER_RANK = ("memory_window_rows", "memory_share", "order_digest")
 
 
-async def _each_engine(core: Any, method: str, *args: Any) -> list[Any]:
+async def each_engine(core: Any, method: str, *args: Any) -> list[Any]:
     """One result per engine core (data parallel runs several)."""
     if hasattr(core, "call_utility_all_async"):
         return list(await core.call_utility_all_async(method, *args))
@@ -144,7 +144,7 @@ async def fetch_request_stats(engine_client: Any, prefix: str = "") -> dict[str,
     requests' internal ids). Engines without compression answer nothing."""
     rows: dict[str, dict[str, int]] = {}
     try:
-        engines = await _each_engine(engine_client.engine_core, "kv_compression_request_stats", None)
+        engines = await each_engine(engine_client.engine_core, "kv_compression_request_stats", None)
     except Exception:  # stock vLLM: no such utility call
         return rows
     for engine_rows in engines:
@@ -161,12 +161,12 @@ async def fetch_stats(engine_client: Any, check_votes: bool = False) -> dict[str
     (``votes_nonpositive``, ``votes_nonfinite``), which costs a pass over the vote regions.
     """
     core = engine_client.engine_core
-    engines = await _each_engine(core, "kv_compression_stats")
+    engines = await each_engine(core, "kv_compression_stats")
     stats = merge_engines(engines)
     if not stats.get("enabled"):
         return stats
     calls = ["kv_compression_worker_stats"] + (["kv_compression_vote_check"] if check_votes else [])
-    per_call = [await _each_engine(core, "collective_rpc", call, None, (), None) for call in calls]
+    per_call = [await each_engine(core, "collective_rpc", call, None, (), None) for call in calls]
     worker: dict[str, float] = {}
     agree, ranks = True, []
     for engine_index in range(len(engines)):
